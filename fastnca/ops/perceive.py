@@ -1,0 +1,95 @@
+"""perceive: the circular 3x3 per-channel NCA perception, as a drop-in differentiable op.
+
+CUDA tensors run the Triton kernels of ``fastnca.kernels.perception`` through the registered op
+``torch.ops.fastnca.perceive`` (forward) / ``fastnca::perceive_backward`` (its adjoint), which
+``torch.compile`` traces as user-defined Triton kernels. Other devices run a depthwise-convolution
+composite (one grouped conv2d on a circularly padded copy), the fastest eager CPU form we measured
+and one inductor compiles without graph breaks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.library import triton_op
+
+from fastnca.kernels.perception import perceive_bwd, perceive_fwd
+from fastnca.ops._checks import check_filters, check_tensor
+from fastnca.reference import DEFAULT_FILTERS, circular_pad1
+
+
+@triton_op("fastnca::perceive", mutates_args={})
+def _perceive_op(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    return perceive_fwd(x, filters)
+
+
+@triton_op("fastnca::perceive_backward", mutates_args={})
+def _perceive_backward_op(grad_out: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    return perceive_bwd(grad_out, filters)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward(ctx, grad_out):
+    (filters,) = ctx.saved_tensors
+    return torch.ops.fastnca.perceive_backward(grad_out, filters), None
+
+
+_perceive_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def perceive_composite(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """CPU path: out[:, c*F + f] = filter f on channel c, as one depthwise conv (groups=C).
+
+    x: (B, C, H, W) -> (B, C*F, H, W). Computes in float32 for half inputs (CPU has no fast
+    half conv) and float64 for float64, and returns x's dtype.
+    """
+    C = x.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight = filters.to(acc)[:, None].repeat(C, 1, 1, 1)  # (C*F, 1, 3, 3): filter f of group c
+    y = F.conv2d(circular_pad1(x.to(acc)), weight, groups=C)
+    return y.to(x.dtype)
+
+
+def perceive(x: torch.Tensor, filters: torch.Tensor | None = None) -> torch.Tensor:
+    """Every channel of ``x`` convolved with every filter of ``filters``, circular padding 1.
+
+    Args:
+        x: (B, C, H, W) float16, bfloat16, float32 or float64; any H, W >= 1; any strides.
+        filters: (F, 3, 3) cross-correlation kernels on x's device; default
+            ``fastnca.reference.DEFAULT_FILTERS`` (identity, sobel_x, sobel_y, laplacian).
+
+    Returns:
+        (B, C*F, H, W) in x's dtype; channel ``c*F + f`` is filter ``f`` applied to channel ``c``.
+        Differentiable with respect to ``x`` (not ``filters``: the bank is fixed, as in the lesson).
+    """
+    check_tensor("x", x, ndim=4)
+    if filters is None:
+        filters = DEFAULT_FILTERS.to(x.device)
+    check_filters(filters, x)
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"x must have H, W >= 1, got shape {tuple(x.shape)}")
+    if x.is_cuda:
+        return torch.ops.fastnca.perceive(x, filters.detach())
+    return perceive_composite(x, filters.detach())
+
+
+class Perception(nn.Module):
+    """nn.Module wrapper of :func:`perceive` holding the filter bank as a (non-trained) buffer."""
+
+    def __init__(self, filters: torch.Tensor | None = None):
+        super().__init__()
+        bank = DEFAULT_FILTERS if filters is None else torch.as_tensor(filters)
+        if bank.dim() != 3 or tuple(bank.shape[1:]) != (3, 3):
+            raise ValueError(f"filters must have shape (F, 3, 3), got {tuple(bank.shape)}")
+        self.register_buffer("filters", bank.clone().float())
+
+    @property
+    def n_filters(self) -> int:
+        return self.filters.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return perceive(x, self.filters)

@@ -1,0 +1,85 @@
+"""Plain-PyTorch definitions of every fastnca op.
+
+These are the specification, the test oracle and the CPU path. They are written with ops that
+inductor fuses (rolls, slices, elementwise, matmul) so that ``torch.compile`` of the CPU path turns
+each into one or two loops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The NCA perception bank of the fast.ai lesson: identity, sobel_x, sobel_y, laplacian, unscaled.
+# Filters are cross-correlation kernels (like F.conv2d): out[i, j] = sum_ab k[a, b] x[i+a-1, j+b-1].
+_SOBEL_X = [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]
+DEFAULT_FILTERS = torch.tensor(
+    [
+        [[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]],  # identity
+        _SOBEL_X,  # sobel_x
+        [list(r) for r in zip(*_SOBEL_X, strict=True)],  # sobel_y (transpose of sobel_x)
+        [[1.0, 2.0, 1.0], [2.0, -12.0, 2.0], [1.0, 2.0, 1.0]],  # laplacian
+    ]
+)
+# The Distill "Self-Organising Textures" scaling: gradient and laplacian filters divided by 8.
+DISTILL_FILTERS = DEFAULT_FILTERS * torch.tensor([1.0, 1 / 8, 1 / 8, 1 / 8])[:, None, None]
+
+
+def circular_pad1(x: torch.Tensor) -> torch.Tensor:
+    """Circular padding of one cell on the last two dims, exact for any H, W >= 1.
+
+    x: (..., H, W) -> (..., H + 2, W + 2). (F.pad's circular mode needs pad <= size; this does not.)
+    """
+    x = torch.cat([x[..., -1:, :], x, x[..., :1, :]], dim=-2)
+    return torch.cat([x[..., -1:], x, x[..., :1]], dim=-1)
+
+
+def perceive_ref(x: torch.Tensor, filters: torch.Tensor | None = None) -> torch.Tensor:
+    """The lesson's perception: every channel convolved with every filter, circular padding 1.
+
+    x: (B, C, H, W), filters: (F, 3, 3) -> (B, C*F, H, W) with out[:, c*F + f] = filter f on channel c.
+    Same as ``conv2d(circular_pad(x.reshape(B*C, 1, H, W)), filters[:, None]).reshape(B, C*F, H, W)``.
+    """
+    if filters is None:
+        filters = DEFAULT_FILTERS
+    filters = filters.to(device=x.device, dtype=x.dtype)
+    B, C, H, W = x.shape
+    y = F.conv2d(circular_pad1(x.reshape(B * C, 1, H, W)), filters[:, None])
+    return y.reshape(B, C * filters.shape[0], H, W)
+
+
+def perceive_shifts(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """perceive_ref as a sum of 9 shifted copies: the form inductor fuses into one stencil loop.
+
+    out[b, c*F + f, i, j] = sum_{a,b'} filters[f, a, b'] * x[b, c, (i+a-1) % H, (j+b'-1) % W].
+    Accumulates in float32 (or float64 for float64 input) and returns x's dtype.
+    """
+    B, C, H, W = x.shape
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xp = circular_pad1(x.to(acc_dtype))  # (B, C, H+2, W+2)
+    k = filters.to(device=x.device, dtype=acc_dtype)  # (F, 3, 3)
+    out = None
+    for a in range(3):
+        for b in range(3):
+            tap = xp[:, :, None, a : a + H, b : b + W] * k[None, None, :, a, b, None, None]
+            out = tap if out is None else out + tap
+    return out.reshape(B, C * k.shape[0], H, W).to(x.dtype)
+
+
+def perceive_backward_ref(grad_out: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """Adjoint of perceive: dx[c, i, j] = sum_f sum_ab k_f[a, b] * g[c*F+f, i-a+1, j-b+1] (circular).
+
+    grad_out: (B, C*F, H, W), filters: (F, 3, 3) -> (B, C, H, W).
+    """
+    B, CF, H, W = grad_out.shape
+    Fn = filters.shape[0]
+    acc_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    gp = circular_pad1(grad_out.to(acc_dtype).reshape(B, CF // Fn, Fn, H, W))
+    k = filters.to(device=grad_out.device, dtype=acc_dtype)
+    out = None
+    for a in range(3):
+        for b in range(3):
+            # g[i - (a-1)] sits at padded row i + 2 - a.
+            tap = (gp[:, :, :, 2 - a : 2 - a + H, 2 - b : 2 - b + W] * k[:, a, b, None, None]).sum(2)
+            out = tap if out is None else out + tap
+    return out.to(grad_out.dtype)

@@ -1,0 +1,1 @@
+"""Triton kernels of fastnca (installed as fastnca.kernels): one op per file."""
