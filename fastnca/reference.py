@@ -83,3 +83,34 @@ def perceive_backward_ref(grad_out: torch.Tensor, filters: torch.Tensor) -> torc
             tap = (gp[:, :, :, 2 - a : 2 - a + H, 2 - b : 2 - b + W] * k[:, a, b, None, None]).sum(2)
             out = tap if out is None else out + tap
     return out.to(grad_out.dtype)
+
+
+def gram_ref(f: torch.Tensor) -> torch.Tensor:
+    """One Gram matrix per image: G[b] = F_b F_bᵀ / (H*W), F_b = f[b].reshape(C, H*W).
+
+    f: (B, C, H, W) -> (B, C, C) in f's dtype.
+    """
+    B, C, H, W = f.shape
+    fm = f.reshape(B, C, H * W)
+    return fm @ fm.transpose(1, 2) / (H * W)
+
+
+def gram_batch_ref(f: torch.Tensor) -> torch.Tensor:
+    """The lesson's Gram, ``einsum('bchw,bdhw->cd', f, f) / (H*W)``: summed over the batch.
+
+    f: (B, C, H, W) -> (C, C) = gram_ref(f).sum(0). With B > 1 this is B times the batch-mean Gram,
+    and comparing it with a single-image style target mixes the images of the batch; kept only as
+    an explicit option (``fastnca.gram(f, batch_sum=True)``).
+    """
+    return torch.einsum("bchw,bdhw->cd", f, f) / (f.shape[-2] * f.shape[-1])
+
+
+def style_loss_ref(feats, targets, weights=None) -> torch.Tensor:
+    """sum_l w_l * mean((gram_ref(f_l) - T_l)²), T_l: (C_l, C_l) broadcast over the batch or
+    (B, C_l, C_l); the mean is over B*C_l*C_l elements. feats: sequence of (B, C_l, H_l, W_l)."""
+    weights = [1.0] * len(feats) if weights is None else weights
+    total = None
+    for f, t, w in zip(feats, targets, weights, strict=True):
+        term = w * (gram_ref(f) - t).square().mean()
+        total = term if total is None else total + term
+    return total
