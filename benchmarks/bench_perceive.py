@@ -13,7 +13,8 @@ from conftest import device, sync
 
 from fastnca import DEFAULT_FILTERS, perceive
 
-SHAPES = [(4, 12, 128, 128), (8, 16, 256, 256)]
+SHAPES = [pytest.param((4, 12, 128, 128), marks=pytest.mark.quick), (8, 16, 256, 256)]
+pytestmark = pytest.mark.ops
 
 
 def lesson_perceive(x, filters):

@@ -1,0 +1,201 @@
+"""`fastnca bench`: CLI errors, table/JSON/markdown/plot, and the ratio gate.
+
+The gate is proven twice: on synthetic pytest-benchmark JSON, and on a real run of a tiny fake suite
+(sleep-based, so its speed-up is known) where FASTNCA_BENCH_INJECT_SLOWDOWN must make it fail.
+"""
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fastnca import bench, bench_report
+from fastnca.cli import main
+
+
+def _pytest_json(medians: dict, group="perceive fwd (4, 12, 128, 128) float32 cpu", baseline=None):
+    """pytest-benchmark-shaped JSON: one benchmark per {variant: median seconds}."""
+    out = []
+    for variant, median in medians.items():
+        ei = {"variant": variant, "GB/s": 1.5} if variant == "fastnca" else {"variant": variant}
+        if baseline:
+            ei["baseline"] = baseline
+        out.append({"group": group, "name": f"test[{variant}]", "extra_info": ei,
+                    "stats": {"median": median, "rounds": 5}})
+    return {"benchmarks": out}
+
+
+MEDIANS = {"lesson eager": 0.030, "lesson compiled": 0.020, "fastnca": 0.010,
+           "fastnca compiled": 0.015}
+
+
+def test_rows_ratios_and_custom_baseline():
+    rows = bench.rows_from_pytest_json(_pytest_json(MEDIANS))
+    assert [r.variant for r in rows] == list(MEDIANS)
+    assert [round(r.ratio, 6) for r in rows] == [1.0, 1.5, 3.0, 2.0]
+    assert rows[2].extra == {"GB/s": 1.5} and rows[2].rounds == 5
+    strat = bench.rows_from_pytest_json(_pytest_json(
+        {"fp32 eager": 2.0, "MixedPrecision bf16": 1.0}, group="ddpm", baseline="fp32 eager"))
+    assert [r.ratio for r in strat] == [1.0, 2.0]
+    # A group without its baseline variant has no ratio (and is never gated).
+    alone = bench.rows_from_pytest_json(_pytest_json({"fastnca": 1.0}))
+    assert alone[0].ratio is None
+
+
+def test_gate_fails_on_slowdown_and_passes_without():
+    rows = bench.rows_from_pytest_json(_pytest_json(MEDIANS))
+    machine = {"device": "cpu", "cpu": "test", "cores": 2}
+    base = bench.make_baseline(rows, machine, "fastnca bench --quick")
+    # Only fastnca paths are gated: not the baseline, not the lesson's compiled code.
+    assert set(base["speedups"]) == {
+        "perceive fwd (4, 12, 128, 128) float32 cpu :: fastnca",
+        "perceive fwd (4, 12, 128, 128) float32 cpu :: fastnca compiled"}
+    assert base["device_kind"] == "cpu" and base["fraction"] == 0.5
+    ok = bench.check_gate(rows, base)
+    assert ok.ok and ok.checked == 2 and "PASSED" in ok.lines[0]
+    # Noise: the fastnca row 1.8x slower still keeps > 50 % of its 3x speed-up.
+    noisy = bench.rows_from_pytest_json(_pytest_json({**MEDIANS, "fastnca": 0.018}))
+    assert bench.check_gate(noisy, base).ok
+    # Injected slowdown: 3x slower keeps only 1/3 of the speed-up -> FAIL naming the row.
+    slow = bench.rows_from_pytest_json(_pytest_json({**MEDIANS, "fastnca": 0.030}))
+    res = bench.check_gate(slow, base)
+    assert not res.ok and "FAILED" in res.lines[0]
+    assert any(line.startswith("  FAIL") and line.endswith("of recorded 3.00x)")
+               and ":: fastnca:" in line for line in res.lines)
+    # A stricter fraction fails the noisy run; a run that matches no recorded row fails too.
+    assert not bench.check_gate(noisy, base, fraction=0.9).ok
+    other = bench.rows_from_pytest_json(_pytest_json(MEDIANS, group="gram (8, 64, 32, 32)"))
+    res = bench.check_gate(other, base)
+    assert not res.ok and res.checked == 0 and any("new" in line for line in res.lines)
+
+
+def test_device_kind_and_slowdown_spec():
+    assert bench.device_kind({"device": "cpu"}) == "cpu"
+    kind = bench.device_kind({"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"})
+    assert kind == "cuda-nvidia-h100-80gb-hbm3"
+    assert bench.parse_slowdown("perceive:3, Gram:1.5") == {"perceive": 3.0, "gram": 1.5}
+    assert bench.parse_slowdown("") == {}
+    for bad in ("perceive", "perceive:x", "perceive:0.5", ":3"):
+        with pytest.raises(bench.BenchError, match="FASTNCA_BENCH_INJECT_SLOWDOWN"):
+            bench.parse_slowdown(bad)
+
+
+def test_table_markdown_json_plot(tmp_path):
+    rows = bench.rows_from_pytest_json(_pytest_json(MEDIANS))
+    table = bench_report.format_table(rows)
+    assert "perceive fwd (4, 12, 128, 128) float32 cpu   [baseline: lesson eager]" in table
+    assert any(line.split()[:4] == ["fastnca", "10.00", "ms", "3.00x"] for line in
+               table.splitlines())
+    assert "GB/s=1.5" in table
+    machine = {"cpu": "Test CPU", "cores": 2, "torch": "2.x", "triton": "3.x", "python": "3.x",
+               "device": "cpu"}
+    md = bench_report.format_markdown(rows, machine, "fastnca bench --quick")
+    assert "`fastnca bench --quick`" in md and "Test CPU (2 cores)" in md
+    assert "| lesson eager | 30.00 ms | 1.00x | (baseline) |" in md
+    data = bench_report.results_json(rows, machine, "cmd")
+    path = bench_report.write_json(tmp_path / "sub" / "r.json", data)
+    back = json.loads(path.read_text())
+    assert back["device_kind"] == "cpu" and back["rows"][2]["speedup"] == pytest.approx(3.0)
+    png = bench_report.plot_ratios(rows, tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(monkeypatch, tmp_path):
+    rows = bench.rows_from_pytest_json(_pytest_json(MEDIANS))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(bench.BenchError, match=r"pip install 'fastnca\[plot\]'"):
+        bench_report.plot_ratios(rows, tmp_path / "r.png")
+    assert main(["bench", "--plot", str(tmp_path / "x.png")]) == 2
+
+
+def _one_line_error(capsys, argv, match):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastnca bench: error: ")
+    assert match in err, err
+
+
+def test_cli_errors(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(capsys, ["--suite", "gpu"], "unknown suite 'gpu'; expected one of ops, train")
+    _one_line_error(capsys, ["--device", "tpu"], "unknown device 'tpu'")
+    _one_line_error(capsys, ["--fail-above", "5"], "--fail-above needs --compare NAME")
+    _one_line_error(capsys, ["--compare", "main", "--fail-above", "-1"], "percentage > 0")
+    _one_line_error(capsys, ["--gate", "--min-fraction", "2"], "--min-fraction must be in (0, 1]")
+    _one_line_error(capsys, ["--compare", "nosuch"], "no run saved as 'nosuch'")
+    _one_line_error(capsys, ["--gate", "--baseline", "missing.json"],
+                    "no baseline file missing.json")
+    _one_line_error(capsys, ["--bench-dir", str(tmp_path)], "benchmark suites not found")
+    monkeypatch.setenv("FASTNCA_BENCH_INJECT_SLOWDOWN", "perceive=3")
+    _one_line_error(capsys, ["--quick"], "must look like 'perceive:3'")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _one_line_error(capsys, ["--device", "cuda"], "CUDA is not available on this machine")
+
+
+FAKE_SUITE = '''
+import time
+
+import pytest
+
+pytestmark = pytest.mark.ops
+DELAY = {"lesson eager": 0.012, "lesson compiled": 0.012, "fastnca": 0.002}
+
+
+@pytest.mark.parametrize("size", [pytest.param("small", marks=pytest.mark.quick), "big"])
+@pytest.mark.parametrize("variant", list(DELAY))
+def test_fake(benchmark, variant, size):
+    benchmark.group = f"fake op {size}"
+    benchmark.extra_info["variant"] = variant
+    benchmark.pedantic(time.sleep, args=(DELAY[variant],), rounds=9, iterations=1)
+'''
+
+
+@pytest.fixture
+def fake_suite(tmp_path, monkeypatch):
+    suite = tmp_path / "benchmarks"
+    suite.mkdir()
+    (suite / "bench_fake.py").write_text(textwrap.dedent(FAKE_SUITE))
+    ini = (bench.find_bench_dir() / "pytest.ini").read_text()
+    (suite / "pytest.ini").write_text(ini)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FASTNCA_BENCH_INJECT_SLOWDOWN", raising=False)
+    return suite
+
+
+def test_real_run_gate_and_compare(fake_suite, tmp_path, capsys, monkeypatch):
+    """Record a baseline + saved run, pass the gate, then fail both layers on a 4x slowdown."""
+    common = ["bench", "--bench-dir", str(fake_suite), "--quick", "--suite", "ops",
+              "--device", "cpu", "--baseline", "base.json"]
+    assert main([*common, "--write-baseline", "--save", "ref", "--json", "a.json"]) == 0
+    out = capsys.readouterr().out
+    assert "fake op small   [baseline: lesson eager]" in out and "fake op big" not in out
+    base = json.loads((tmp_path / "base.json").read_text())
+    assert list(base["speedups"]) == ["fake op small :: fastnca"]  # quick subset, gated row only
+    assert base["speedups"]["fake op small :: fastnca"] > 3  # 12 ms / 2 ms, roughly
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert [r["rounds"] for r in a["rows"]] == [bench.QUICK_ROUNDS] * 3  # 9 capped in quick mode
+    assert a["machine"]["cores"] >= 1 and a["gate"] is None
+
+    assert main([*common, "--gate", "--compare", "ref", "--fail-above", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio gate: PASSED (1/1 rows" in out
+
+    monkeypatch.setenv("FASTNCA_BENCH_INJECT_SLOWDOWN", "fake op:4")
+    rc = main([*common, "--gate", "--compare", "ref", "--fail-above", "150", "--json", "b.json"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "ratio gate: FAILED (0/1 rows" in out and "FAIL  fake op small :: fastnca" in out
+    assert "Performance has regressed" in out  # pytest-benchmark's median:150% check
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["gate"]["ok"] is False
+    fast = next(r for r in b["rows"] if r["variant"] == "fastnca")
+    assert fast["extra"]["injected_slowdown"] == 4.0
+    lesson = next(r for r in b["rows"] if r["variant"] == "lesson compiled")
+    assert "injected_slowdown" not in lesson["extra"]  # the lesson's rows are never slowed
+
+
+def test_no_benchmark_matched(fake_suite, capsys):
+    argv = ["--bench-dir", str(fake_suite), "--quick", "--suite", "train"]
+    _one_line_error(capsys, argv, "no benchmark matched (suite train, quick)")
