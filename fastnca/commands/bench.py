@@ -69,6 +69,13 @@ def add_parser(sub):
         help="bar chart PNG of the speed-ups (needs matplotlib: pip install 'fastnca[plot]')",
     )
     p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the suites N times; report the median speed-up, record the lowest as baseline",
+    )
+    p.add_argument(
         "--gate",
         action="store_true",
         help="ratio gate: every fastnca row must keep --min-fraction of the speed-up "
@@ -126,6 +133,8 @@ def _check_args(args) -> None:
         raise UsageError("--fail-above needs --compare NAME (a run saved earlier with --save NAME)")
     if args.fail_above is not None and not args.fail_above > 0:
         raise UsageError(f"--fail-above must be a percentage > 0, got {args.fail_above:g}")
+    if args.repeat < 1:
+        raise UsageError(f"--repeat must be >= 1, got {args.repeat}")
     if args.min_fraction is not None and not 0 < args.min_fraction <= 1:
         raise UsageError(f"--min-fraction must be in (0, 1], got {args.min_fraction:g}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -171,7 +180,7 @@ def _command_line(args) -> str:
         "fail_above",
     ):
         value = getattr(args, opt)
-        if value is not None and not (opt == "suite" and value == "all"):
+        if value is not None and value != {"suite": "all", "repeat": 1}.get(opt):
             flag = "-k" if opt == "keyword" else "--" + opt.replace("_", "-")
             parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     return shlex.join(parts)
@@ -221,10 +230,17 @@ def run(args) -> int:
         baseline = json.loads(baseline_path.read_text())
     extra = _pytest_args(args, Path.cwd() / ".benchmarks")
 
-    rows, rc = bench.run_suites(
-        args.suite, quick=args.quick, device=device, keyword=args.keyword,
-        bench_dir=bench_dir, extra_args=tuple(extra),
-    )  # fmt: skip
+    runs, rc = [], 0
+    for i in range(args.repeat):  # pytest-benchmark's --save/--compare act on the last run
+        last = i == args.repeat - 1
+        rows, rc = bench.run_suites(
+            args.suite, quick=args.quick, device=device, keyword=args.keyword,
+            bench_dir=bench_dir, extra_args=tuple(extra if last else extra[:1]),
+        )  # fmt: skip
+        runs.append(rows)
+        if rc != 0 or not rows:
+            break
+    rows = bench.combine_runs(runs)
     if rc == 5 or (rc == 0 and not rows):
         k = f", -k {args.keyword}" if args.keyword else ""
         raise UsageError(f"no benchmark matched (suite {args.suite}{', quick' * args.quick}{k})")

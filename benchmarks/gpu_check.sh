@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU check: one command for a CUDA machine (about 5 minutes on an H100, bounded at 8).
+#   1. every Triton op against fastnca.reference, compiled for the GPU (TRITON_INTERPRET unset):
+#      benchmarks/test_cuda_kernels.py, incl. opcheck with all test_utils and compile fullgraph;
+#   2. the ops benchmark suite on CUDA: lesson eager vs torch.compile vs fastnca, with GB/s;
+#   3. writes docs/gpu_check.json, docs/gpu_check.md (card, versions, test tally, table) and
+#      docs/gpu_check.png when matplotlib is installed.
+# Usage: bash benchmarks/gpu_check.sh            (PYTHON=... to pick the interpreter; default
+#        .venv/bin/python when present, else python3). Exit 0 only if tests and suite pass.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+unset TRITON_INTERPRET
+export FASTNCA_TEST_DEVICE=cuda FASTNCA_BENCH_DEVICE=cuda
+t0=$(date +%s)
+
+if ! "$PY" -c "import torch, fastnca" 2>/dev/null; then
+  echo "gpu_check: $PY cannot import torch and fastnca; install with pip install -e \".[dev]\" or set PYTHON" >&2
+  exit 2
+fi
+card=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')")
+if [ -z "$card" ]; then
+  echo "gpu_check: CUDA is not available here (torch.cuda.is_available() is False)" >&2
+  exit 2
+fi
+mkdir -p docs
+echo "== gpu_check on $card: kernel tests on CUDA ($(date -u +%T))"
+# ~1 min; the bound leaves the suite its time inside 8 minutes.
+timeout 200 "$PY" -m pytest -c benchmarks/pytest.ini --rootdir benchmarks \
+  benchmarks/test_cuda_kernels.py -q -p no:cacheprovider 2>&1 | tee docs/gpu_check_tests.log
+rc_tests=${PIPESTATUS[0]}
+tally=$(grep -E "^[0-9]+ (passed|failed)|passed|failed|error" docs/gpu_check_tests.log | tail -1)
+
+echo "== gpu_check: ops suite on CUDA ($(date -u +%T))"
+plot=()
+"$PY" -c "import matplotlib" 2>/dev/null && plot=(--plot docs/gpu_check.png)
+timeout 240 "$PY" -m fastnca.cli bench --suite ops --device cuda --json docs/gpu_check.json \
+  --markdown docs/gpu_check_table.md "${plot[@]}"
+rc_bench=$?
+
+{
+  echo "# GPU check: $card"
+  echo
+  echo "Made by \`bash benchmarks/gpu_check.sh\` in $(( $(date +%s) - t0 )) s on $(date -u +%F)."
+  echo
+  echo "Kernel tests on CUDA (benchmarks/test_cuda_kernels.py): ${tally:-no result} (exit $rc_tests)."
+  echo "Ops suite exit: $rc_bench."
+  echo
+  [ -f docs/gpu_check_table.md ] && cat docs/gpu_check_table.md
+} > docs/gpu_check.md
+rm -f docs/gpu_check_table.md
+echo "== gpu_check: wrote docs/gpu_check.md and docs/gpu_check.json ($(( $(date +%s) - t0 )) s)"
+[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ]
