@@ -94,7 +94,10 @@ _CANCEL = {"fit": CancelFitException, "epoch": CancelEpochException, "batch": Ca
 
 
 class Callback:
-    """Base class: define any of the event methods (``before_fit(self, learn)``, ...)."""
+    """Base class: define any of the event methods (``before_fit(self, learn)``, ...).
+
+    Every attribute named like an event (``step``, ``predict``, ``after_batch``, ...) is called
+    as one, so do not use those names for data attributes."""
 
     order = 0
 
