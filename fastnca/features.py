@@ -212,7 +212,8 @@ class RandomMultiScaleFeatures(nn.Module):
         self.levels = tuple(_LEVEL[i] for i in self.layers)
         self.banks = nn.ModuleList()
         for i in self.layers:
-            conv = nn.Conv2d(3, _CHANNELS[i], kernel_size, padding=kernel_size // 2, bias=False)
+            conv = nn.Conv2d(3, _CHANNELS[i], kernel_size, padding=kernel_size // 2, bias=False,
+                             padding_mode="replicate")  # no dark frame at the borders
             fan_in = 3 * kernel_size * kernel_size
             g = torch.Generator().manual_seed(seed * N_LAYERS + i)  # same bank whatever else runs
             with torch.no_grad():
