@@ -137,3 +137,35 @@ def test_gram_forward_rate(benchmark, dtype, variant):
     benchmark.extra_info["TFLOP/s"] = round(rate / 1e12, 1)
     benchmark.extra_info["mm TFLOP/s"] = round(mm_rate / 1e12, 1)
     benchmark.extra_info["% of mm"] = round(100 * rate / mm_rate, 1)
+
+
+def interleaved(sizes=(128, 256), rounds: int = 7) -> None:
+    """On a shared, noisy machine: the eager variants timed round by round in one process, so
+    load changes hit every variant alike. ``python benchmarks/bench_style_loss.py [S ...]``."""
+    import statistics
+    import time
+
+    dev = device()
+    fns = {"lesson eager": lesson_style_loss, "bmm eager": bmm_style_loss, "fastnca": style_loss}
+    for S in sizes:
+        feats, targets = _inputs(S, dev, torch.float32)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for r in range(rounds + 1):
+            for name, fn in fns.items():
+                for f in feats:
+                    f.grad = None
+                t0 = time.perf_counter()
+                fn(feats, targets).backward()
+                sync(dev)
+                if r:  # round 0 is the warm-up
+                    times[name].append(time.perf_counter() - t0)
+        base = statistics.median(times["lesson eager"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            print(f"{S}x{S} {dev.type} {name:<14} {med * 1e3:9.1f} ms  {base / med:5.2f}x")
+
+
+if __name__ == "__main__":
+    import sys
+
+    interleaved(tuple(int(a) for a in sys.argv[1:]) or (128, 256))
