@@ -8,9 +8,10 @@ measured in the same run (median(baseline) / median(row)), so it holds on a nois
 
 The plugin (``-p fastnca.bench``, set in ``benchmarks/pytest.ini``) reads two environment variables:
 ``FASTNCA_BENCH_QUICK=1`` caps every ``benchmark.pedantic`` at :data:`QUICK_ROUNDS` rounds, and
-``FASTNCA_BENCH_INJECT_SLOWDOWN=perceive:3[,gram:2]`` makes every gated row (not the baseline, not a
-"lesson ..." variant) of a group whose name contains ``perceive`` take 3x its time inside the timed
-region (it sleeps 2x the measured call), which is how the tests prove that the gate fails.
+``FASTNCA_BENCH_INJECT_SLOWDOWN=perceive:3[,gram:2]`` makes every gated row (a fastnca path: not
+the baseline, not a reference variant "lesson ...", "torch ...", "bmm ...") of a group whose name
+contains ``perceive`` take 3x its time inside the timed region (it sleeps 2x the measured call),
+which is how the tests prove that the gate fails.
 
 Gate (layer a): a committed baseline ``benchmarks/baselines/<device kind>.json`` holds the speed-up
 of every gated row; a run passes when each gated row keeps at least ``fraction`` (default 0.5) of
@@ -37,6 +38,7 @@ import pytest
 BASELINE_VARIANT = "lesson eager"
 SUITES = {"ops": "ops", "train": "train", "all": "ops or train"}
 QUICK_ROUNDS = 5
+REFERENCE_PREFIXES = ("lesson", "torch", "bmm")
 DEFAULT_FRACTION = 0.5
 # Rows recorded below this speed-up are not gated: a ratio near 1 is within a shared machine's noise
 MIN_GATED_SPEEDUP = 1.2
@@ -73,11 +75,10 @@ def parse_slowdown(spec: str | None) -> dict[str, float]:
 
 
 def is_gated(variant: str, baseline: str) -> bool:
-    """A fastnca path: a "fastnca ..." variant of an op group; in a group with its own baseline
-    (training strategies against "fp32 eager") every other row is one."""
-    if variant == baseline:
-        return False
-    return variant.startswith("fastnca") or baseline != BASELINE_VARIANT
+    """A fastnca path (a fastnca op or training strategy): neither the group's baseline nor a
+    reference variant (a name starting with one of REFERENCE_PREFIXES: the lesson's code or plain
+    torch, eager or compiled)."""
+    return variant != baseline and not variant.startswith(REFERENCE_PREFIXES)
 
 
 def _slowed(fn, factor: float):

@@ -88,6 +88,11 @@ def test_combine_runs_median_and_min():
 
 
 def test_device_kind_and_slowdown_spec():
+    assert bench.is_gated("fastnca compiled", "lesson eager")
+    assert bench.is_gated("MultDL(2)", "lesson eager")  # a strategy is a fastnca path
+    for ref in ("lesson eager", "lesson compiled", "bmm eager", "torch.mm"):
+        assert not bench.is_gated(ref, "lesson eager")
+    assert not bench.is_gated("fp32 eager", "fp32 eager")
     assert bench.device_kind({"device": "cpu"}) == "cpu"
     kind = bench.device_kind({"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"})
     assert kind == "cuda-nvidia-h100-80gb-hbm3"
