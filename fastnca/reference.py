@@ -114,3 +114,16 @@ def style_loss_ref(feats, targets, weights=None) -> torch.Tensor:
         term = w * (gram_ref(f) - t).square().mean()
         total = term if total is None else total + term
     return total
+
+
+def nca_step_ref(x, w1, b1, w2, b2, mask, filters=None) -> torch.Tensor:
+    """The lesson's NCA update: perception, two 1x1 convolutions (per-cell matmuls), mask, residual.
+
+    x: (B, C, H, W); w1: (hidden, F*C); b1: (hidden,) or None; w2: (C, hidden); b2: (C,) or None;
+    mask: (B, 1, H, W) of 0/1 (bool or float); filters: (F, 3, 3) (default DEFAULT_FILTERS).
+    p = perceive_ref(x) (B, F*C, H, W); h = relu(w1 . p + b1); y = w2 . h (+ b2); x + y * mask.
+    """
+    p = perceive_ref(x, filters)
+    h = torch.relu(F.conv2d(p, w1[:, :, None, None], b1))
+    y = F.conv2d(h, w2[:, :, None, None], b2)
+    return x + y * mask.to(x.dtype)

@@ -1,0 +1,309 @@
+"""nca_step: one fused NCA update (perception + MLP + update mask + residual) that saves only the
+state and the mask for backward.
+
+CUDA tensors run the Triton kernels of ``fastnca.kernels.nca_step`` through the registered ops
+``torch.ops.fastnca.nca_step`` / ``fastnca::nca_step_backward`` (forward, and a backward that
+recomputes perception and hidden activations). On CPU, eager calls run a custom
+``torch.autograd.Function`` that only evaluates the MLP on the cells that fire (about ``fire_rate``
+of them: resting cells are copied, so their update is never needed, forward or backward); under
+``torch.compile`` a dense composite that inductor fuses, wrapped in activation checkpointing. Both
+keep only ``x`` and the mask (plus the shared weights) for backward and recompute the rest.
+
+Semantics (all paths): ``out = x + y * mask`` on cells whose mask is non-zero, ``out = x``
+elsewhere, with ``y = w2 relu(w1 perceive(x) + b1) + b2``. This is the lesson's ``x + y * mask``
+whenever ``y`` is finite; a NaN in the state still spreads (the NaN cell stays NaN and poisons every
+neighbour that fires), it is only not written into resting cells.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.utils.checkpoint
+from torch.library import triton_op
+
+from fastnca.kernels.nca_step import nca_step_bwd, nca_step_fwd
+from fastnca.ops._checks import check_filters, check_same_device, check_tensor
+from fastnca.reference import DEFAULT_FILTERS, circular_pad1, perceive_shifts
+
+# ---------------------------------------------------------------------------------------- CUDA
+
+
+@triton_op("fastnca::nca_step", mutates_args={})
+def _nca_step_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                 b2: torch.Tensor | None, mask: torch.Tensor,
+                 filters: torch.Tensor) -> torch.Tensor:
+    return nca_step_fwd(x, w1, b1, w2, b2, mask, filters)
+
+
+@triton_op("fastnca::nca_step_backward", mutates_args={})
+def _nca_step_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+    w2: torch.Tensor, mask: torch.Tensor, filters: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # (dx, dw1, db1, dw2, db2); the caller drops db1/db2 when the step has no such bias.
+    return nca_step_bwd(grad, x, w1, b1, w2, mask, filters)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, mask, filters = inputs
+    ctx.save_for_backward(x, w1, b1, w2, mask, filters)
+    ctx.b2_meta = None if b2 is None else (b2.dtype,)
+
+
+def _backward(ctx, grad):
+    x, w1, b1, w2, mask, filters = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = torch.ops.fastnca.nca_step_backward(grad, x, w1, b1, w2, mask,
+                                                                 filters)
+    return (dx.to(x.dtype), dw1.to(w1.dtype), None if b1 is None else db1.to(b1.dtype),
+            dw2.to(w2.dtype), None if ctx.b2_meta is None else db2.to(ctx.b2_meta[0]), None, None)
+
+
+_nca_step_op.register_autograd(_backward, setup_context=_setup_context)
+
+# ------------------------------------------------------------------------------ CPU, eager (sparse)
+
+_CHUNK = 4096  # cells per GEMM block: keeps the (hidden, chunk) activations in cache
+
+
+def _taps(filters):
+    # Non-zero taps (a, e, value) of each filter, read on the host (the CPU path's bank is on CPU).
+    return [[(a, e, v) for a, row in enumerate(kf) for e, v in enumerate(row) if v != 0]
+            for kf in filters.tolist()]
+
+
+def _perceive_planes(x, taps):
+    # x: (B, C, H, W) -> P: (F, C, B, H, W), P[f, c, b] = filter f on channel c of image b: the
+    # layout in which the fired cells of all images are columns of one (F*C, B*H*W) matrix.
+    B, C, H, W = x.shape
+    xp = circular_pad1(x.transpose(0, 1))  # (C, B, H+2, W+2), one copy
+    out = torch.empty((len(taps), C, B, H, W), dtype=x.dtype)
+    for f, tf in enumerate(taps):
+        o = out[f]
+        if not tf:
+            o.zero_()
+            continue
+        a, e, v = tf[0]
+        o.copy_(xp[:, :, a:a + H, e:e + W])
+        if v != 1:
+            o.mul_(v)
+        for a, e, v in tf[1:]:
+            o.add_(xp[:, :, a:a + H, e:e + W], alpha=v)
+    return out
+
+
+def _adjoint_planes(dp, g, taps):
+    # g + adjoint perception of dp: (F, C, B, H, W) -> (B, C, H, W). Accumulates into a padded
+    # buffer (dx[i+a-1, j+e-1] += k[a, e] dp[i, j]) and folds the halo back circularly.
+    B, C, H, W = g.shape
+    acc = torch.zeros((C, B, H + 2, W + 2), dtype=dp.dtype)
+    acc[:, :, 1:H + 1, 1:W + 1] = g.transpose(0, 1)
+    for f, tf in enumerate(taps):
+        for a, e, v in tf:
+            acc[:, :, a:a + H, e:e + W].add_(dp[f], alpha=v)
+    acc[:, :, 1].add_(acc[:, :, H + 1])
+    acc[:, :, H].add_(acc[:, :, 0])
+    acc[:, :, 1:H + 1, 1].add_(acc[:, :, 1:H + 1, W + 1])
+    acc[:, :, 1:H + 1, W].add_(acc[:, :, 1:H + 1, 0])
+    return acc[:, :, 1:H + 1, 1:W + 1].transpose(0, 1)
+
+
+def _fired(mask, dtype):
+    # Flat indices (b*H*W + i*W + j) of fired cells, and their mask values (None for a bool mask).
+    m = mask.reshape(-1)
+    if m.dtype == torch.bool:
+        return m.nonzero().squeeze(1), None
+    idx = (m != 0).nonzero().squeeze(1)
+    return idx, m.index_select(0, idx).to(dtype)
+
+
+def _acc(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class _NCAStepCPU(torch.autograd.Function):
+    """CPU eager path: the MLP on fired cells only, in column blocks of _CHUNK cells."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, mask, filters):
+        ctx.save_for_backward(x, w1, b1, w2, mask, filters)
+        ctx.has_b2 = b2 is not None
+        dt = _acc(x)
+        B, C, H, W = x.shape
+        NF, N = filters.shape[0], B * H * W
+        taps = _taps(filters)
+        idx, vals = _fired(mask, dt)
+        w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)  # columns f*C + c
+        p = _perceive_planes(x.to(dt), taps).view(NF * C, N)
+        out = torch.empty((C, B, H, W), dtype=dt)
+        out.copy_(x.transpose(0, 1))  # (C, B*H*W) below: fired columns get their update
+        b1c = None if b1 is None else b1.to(dt)[:, None]
+        b2c = None if b2 is None else b2.to(dt)[:, None]
+        w2c = w2.to(dt)
+        for lo in range(0, idx.numel(), _CHUNK):
+            ic = idx[lo:lo + _CHUNK]
+            a = w1p @ p.index_select(1, ic) if b1c is None else torch.addmm(b1c, w1p,
+                                                                            p.index_select(1, ic))
+            y = w2c @ a.relu_() if b2c is None else torch.addmm(b2c, w2c, a.relu_())
+            if vals is not None:
+                y.mul_(vals[lo:lo + _CHUNK])
+            out.view(C, N).scatter_add_(1, ic.expand(C, -1), y)
+        return out.view(C, B, H, W).transpose(0, 1).to(x.dtype).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, b1, w2, mask, filters = ctx.saved_tensors
+        dt = _acc(x)
+        B, C, H, W = x.shape
+        NF, N = filters.shape[0], B * H * W
+        taps = _taps(filters)
+        idx, vals = _fired(mask, dt)
+        w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)
+        w2c = w2.to(dt)
+        b1c = None if b1 is None else b1.to(dt)[:, None]
+        p = _perceive_planes(x.to(dt), taps).view(NF * C, N)
+        g = grad.to(dt)
+        gT = g.transpose(0, 1).reshape(C, N)
+        dp = torch.zeros((NF * C, N), dtype=dt)
+        dw1p = torch.zeros_like(w1p)
+        dw2 = torch.zeros_like(w2c)
+        db1 = torch.zeros(w1p.shape[0], dtype=dt)
+        db2 = torch.zeros(C, dtype=dt)
+        for lo in range(0, idx.numel(), _CHUNK):
+            ic = idx[lo:lo + _CHUNK]
+            pc = p.index_select(1, ic)  # (F*C, n)
+            h = (w1p @ pc if b1c is None else torch.addmm(b1c, w1p, pc)).relu_()  # (HID, n)
+            gy = gT.index_select(1, ic)  # (C, n)
+            if vals is not None:
+                gy.mul_(vals[lo:lo + _CHUNK])
+            dw2.addmm_(gy, h.t())
+            db2.add_(gy.sum(1))
+            da = torch.ops.aten.threshold_backward(w2c.t() @ gy, h, 0)  # (HID, n)
+            dw1p.addmm_(da, pc.t())
+            db1.add_(da.sum(1))
+            dp.scatter_(1, ic.expand(NF * C, -1), w1p.t() @ da)
+        dx = _adjoint_planes(dp.view(NF, C, B, H, W), g, taps)
+        dw1 = dw1p.view(-1, NF, C).transpose(1, 2).reshape(w1.shape)
+        return (dx.to(x.dtype).contiguous(), dw1.to(w1.dtype),
+                None if b1 is None else db1.to(b1.dtype), dw2.to(w2.dtype),
+                db2.to(w2.dtype) if ctx.has_b2 else None, None, None)
+
+
+# ----------------------------------------------------------- torch.compile, other devices (dense)
+
+
+def _dense_step(x, w1, b1, w2, b2, mask, filters):
+    # Every cell through the MLP, as ops inductor fuses (stencil, matmuls, where), in float32
+    # (float64 for float64). x: (B, C, H, W) -> (B, C, H, W) in x.dtype.
+    dt = _acc(x)
+    B, C, H, W = x.shape
+    xs = x.to(dt)
+    p = perceive_shifts(xs, filters).reshape(B, -1, H * W)  # (B, F*C, H*W)
+    a = torch.matmul(w1.to(dt), p)
+    if b1 is not None:
+        a = a + b1.to(dt)[:, None]
+    y = torch.matmul(w2.to(dt), torch.relu(a))  # (B, C, H*W)
+    if b2 is not None:
+        y = y + b2.to(dt)[:, None]
+    m = mask.reshape(B, 1, H * W)
+    xs = xs.reshape(B, C, H * W)
+    out = torch.where(m != 0, xs + y * m.to(dt), xs)
+    return out.reshape(B, C, H, W).to(x.dtype)
+
+
+def _dense_checkpointed(*args):
+    # Activation checkpointing makes autograd (and, under torch.compile, the partitioner) keep only
+    # the inputs and recompute the step in backward: the same saved tensors as _NCAStepCPU. (A
+    # custom autograd.Function is not enough under compile: the partitioner would merge its
+    # recompute with the forward and save the hidden activations.)
+    return torch.utils.checkpoint.checkpoint(_dense_step, *args, use_reentrant=False)
+
+
+# ---------------------------------------------------------------------------------------- public
+
+
+def _as_matrix(name, w):
+    # Accept the lesson's 1x1 conv weights (out, in, 1, 1) as well as (out, in).
+    if isinstance(w, torch.Tensor) and w.dim() == 4 and tuple(w.shape[2:]) == (1, 1):
+        return w.flatten(1)
+    check_tensor(name, w, ndim=2)
+    return w
+
+
+def _check(x, w1, b1, w2, b2, mask, fire_rate, filters):
+    check_tensor("x", x, ndim=4)
+    B, C, H, W = x.shape
+    if H < 1 or W < 1:
+        raise ValueError(f"x must have H, W >= 1, got shape {tuple(x.shape)}")
+    check_filters(filters, x)
+    NF = filters.shape[0]
+    w1, w2 = _as_matrix("w1", w1), _as_matrix("w2", w2)
+    check_same_device("w1", w1, "x", x)
+    check_same_device("w2", w2, "x", x)
+    hidden = w1.shape[0]
+    if w1.shape[1] != NF * C:
+        raise ValueError(f"w1 must have shape (hidden, F*C) = (hidden, {NF * C}) for x with C={C} "
+                         f"channels and {NF} filters, got {tuple(w1.shape)}")
+    if tuple(w2.shape) != (C, hidden):
+        raise ValueError(f"w2 must have shape (C, hidden) = ({C}, {hidden}), got {tuple(w2.shape)}")
+    for name, bias, size in (("b1", b1, hidden), ("b2", b2, C)):
+        if bias is not None:
+            check_tensor(name, bias, ndim=1)
+            check_same_device(name, bias, "x", x)
+            if bias.shape[0] != size:
+                raise ValueError(f"{name} must have shape ({size},), got {tuple(bias.shape)}")
+    if mask is not None:
+        check_tensor("mask", mask, float_only=False)
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"mask must be bool or floating (0/1 values), got {mask.dtype}")
+        if tuple(mask.shape) != (B, 1, H, W):
+            raise ValueError(f"mask must have shape (B, 1, H, W) = ({B}, 1, {H}, {W}), "
+                             f"got {tuple(mask.shape)}")
+        check_same_device("mask", mask, "x", x)
+    elif (not isinstance(fire_rate, numbers.Real) or isinstance(fire_rate, bool)
+          or not 0.0 <= fire_rate <= 1.0):
+        raise ValueError(f"fire_rate must be a number in [0, 1], got {fire_rate!r}")
+    return w1, w2
+
+
+def update_mask(x: torch.Tensor, fire_rate: float = 0.5) -> torch.Tensor:
+    """Bernoulli(fire_rate) per cell as a bool (B, 1, H, W) mask, from torch's generator.
+
+    Drawn exactly like the lesson's ``(torch.rand(B, 1, H, W) + fire_rate).floor()`` (same values
+    for the same seed on CPU), stored as bool: 1 byte per cell.
+    """
+    B, _, H, W = x.shape
+    return (torch.rand((B, 1, H, W), device=x.device) + fire_rate) >= 1.0
+
+
+def nca_step(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+             b2: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+             fire_rate: float = 0.5, filters: torch.Tensor | None = None) -> torch.Tensor:
+    """One NCA update ``x + (w2 relu(w1 perceive(x) + b1) + b2) * mask``, fused, recompute backward.
+
+    Args:
+        x: state (B, C, H, W), float16/bfloat16/float32/float64, any H, W >= 1.
+        w1: (hidden, F*C) (or the lesson's conv weight (hidden, F*C, 1, 1)); column c*F + f
+            multiplies filter f on channel c. b1: (hidden,) or None.
+        w2: (C, hidden) (or (C, hidden, 1, 1)); b2: (C,) or None.
+        mask: (B, 1, H, W) bool or float; None draws ``update_mask(x, fire_rate)``. Cells where it
+            is 0 are copied unchanged. Pass bool masks: they are what backward keeps (1 byte/cell).
+        fire_rate: probability that a cell updates when ``mask`` is None, in [0, 1].
+        filters: (F, 3, 3) perception bank; default ``DEFAULT_FILTERS`` (the lesson's).
+
+    Returns (B, C, H, W) in x's dtype (contiguous); arithmetic in float32 (float64 for float64).
+    Differentiable w.r.t. x, w1, b1, w2, b2 (not the mask or the filters). Backward keeps only x,
+    the mask and the weights, and recomputes perception and hidden activations.
+    """
+    if filters is None:
+        filters = DEFAULT_FILTERS.to(x.device) if isinstance(x, torch.Tensor) else DEFAULT_FILTERS
+    w1, w2 = _check(x, w1, b1, w2, b2, mask, fire_rate, filters)
+    if mask is None:
+        mask = update_mask(x, fire_rate)
+    args = (x, w1, b1, w2, b2, mask.detach(), filters.detach())
+    if x.is_cuda:
+        return torch.ops.fastnca.nca_step(*args)
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return _dense_checkpointed(*args)
+    return _NCAStepCPU.apply(*args)
