@@ -161,6 +161,12 @@ def test_accelerate_prepares_and_restores():
     assert learn.model is model and "_original_forward" not in model.__dict__
     assert dls.train is train and dls.valid is valid and type(learn.opt) is torch.optim.SGD
     assert learn.accelerator is None and cb.num_processes == 1
+    # a second fit prepares afresh (autocast again, sharded loader again)
+    learn.model = net = DtypeNet()
+    learn.fit(1, valid=False)
+    learn.fit(1, valid=False)
+    assert net.seen == [(True, torch.bfloat16)] * 16
+    assert probe.seen["before_batch"][-1][0] == "DataLoaderShard"
     # another precision in the same process (Accelerate keeps one global state)
     Learner(_model(), _dls(), F.mse_loss, cbs=[AccelerateCB("no")]).fit(1)
 

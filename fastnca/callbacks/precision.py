@@ -185,6 +185,9 @@ class AccelerateCB(Callback):
         model, opt, learn.dls.train, learn.dls.valid = self._orig
         # Drop the autocast wrapper Accelerate put on model.forward; keep the trained weights.
         self.acc.unwrap_model(learn.model, keep_fp32_wrapper=False)
+        # In one process `prepare` returns the user's module itself and flags it as prepared,
+        # which would make the next fit's `prepare` a no-op (no autocast, no DDP): unflag it.
+        vars(model).pop("_is_accelerate_prepared", None)
         learn.model, learn.opt = model, opt
         learn.accelerator = None
         # Forget this fit's prepared objects (each fit prepares afresh; avoid holding them).
