@@ -18,11 +18,19 @@ import os
 import pytest
 import torch
 from fastnca.kernels.gram import gram_bwd, gram_fwd, style_fwd
+from fastnca.kernels.nca_step import nca_step_bwd, nca_step_fwd
 from fastnca.kernels.perception import perceive_bwd, perceive_fwd
 from torch.library import opcheck
 
 from fastnca import DEFAULT_FILTERS, DISTILL_FILTERS, Perception, StyleLoss, gram
-from fastnca.reference import gram_ref, perceive_backward_ref, perceive_ref, style_loss_ref
+from fastnca.ops import nca_step
+from fastnca.reference import (
+    gram_ref,
+    nca_step_ref,
+    perceive_backward_ref,
+    perceive_ref,
+    style_loss_ref,
+)
 
 DEVICE = torch.device(os.environ.get("FASTNCA_TEST_DEVICE", "cuda"))
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -51,6 +59,10 @@ PERCEIVE_SHAPES = [(2, 3, 37, 70), (1, 2, 1, 1), (2, 1, 19, 3)] + (
 # (B, C, H, W): ragged 16/64-wide tiles; on the GPU also VGG-like few-tile, long-N (split-K) layers.
 GRAM_SHAPES = [(2, 3, 5, 7), (2, 37, 9, 11)] + (
     [(2, 64, 128, 128), (1, 130, 33, 31), (3, 256, 32, 32)] if ON_GPU else [])
+# (B, C, H, W, hidden): odd channel/hidden counts, ragged 64-cell tiles; on the GPU the texture
+# preset's (4, 12, 128, 128) x 96 hidden and a wide one.
+NCA_SHAPES = [(2, 3, 5, 7, 10), (1, 12, 9, 13, 96)] + (
+    [(4, 12, 128, 128, 96), (2, 16, 33, 65, 128)] if ON_GPU else [])
 
 
 @pytest.fixture(autouse=True)
@@ -200,4 +212,89 @@ def test_style_loss_compile_fullgraph():
     close(loss, f(a.detach(), b.detach()), torch.float32)
     close(a.grad, ar.grad, torch.float32)
     close(b.grad, br.grad, torch.float32)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+# ---------------------------------------------------------------------------------------- nca_step
+
+
+def nca_args(B, C, H, W, hidden, dtype=torch.float32, b2=True):
+    """Step arguments on DEVICE: state in ``dtype``, float32 weights, a bool mask (60 % fire)."""
+    g = torch.Generator().manual_seed(B * 1000 + C * 100 + H + W + hidden)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE)
+    return dict(x=r(B, C, H, W).to(dtype), w1=r(hidden, 4 * C, scale=0.3), b1=r(hidden),
+                w2=r(C, hidden, scale=0.3), b2=r(C) if b2 else None,
+                mask=(torch.rand(B, 1, H, W, generator=g) < 0.6).to(DEVICE),
+                filters=DEFAULT_FILTERS.to(DEVICE))
+
+
+NCA_LEAVES = ("x", "w1", "b1", "w2", "b2")
+
+
+def nca_ref(a, grad):
+    """nca_step_ref output and gradients (x, w1, b1, w2, b2) in float64 on the CPU."""
+    leaves = {k: None if a[k] is None else a[k].detach().double().cpu().requires_grad_()
+              for k in NCA_LEAVES}
+    out = nca_step_ref(**leaves, mask=a["mask"].cpu().double(), filters=DEFAULT_FILTERS.double())
+    out.backward(grad.double().cpu())
+    return out.detach(), [None if t is None else t.grad for t in leaves.values()]
+
+
+@pytest.mark.parametrize("shape", NCA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF], ids=str)
+def test_nca_step_kernels(shape, dtype):
+    a = nca_args(*shape, dtype=dtype)
+    if dtype == torch.float64:
+        a.update({k: a[k].double() for k in ("w1", "b1", "w2", "b2")})
+    args = [a[k] for k in NCA_LEAVES]
+    out = nca_step_fwd(*args, a["mask"], a["filters"])
+    assert out.dtype == dtype
+    g = torch.randn(out.shape, device=DEVICE).to(dtype)
+    want, wgrads = nca_ref(a, g)
+    close(out, want, dtype)
+    grads = nca_step_bwd(g, *args[:4], a["mask"], a["filters"])
+    assert grads[0].dtype == dtype
+    for got, ref in zip(grads, wgrads, strict=True):  # weight grads: sums over all cells
+        close(got, ref, dtype if dtype in (torch.float64, torch.float32) else torch.bfloat16)
+
+
+def test_nca_step_registered_op_autograd_and_opcheck():
+    a = nca_args(1, 3, 17, 19, 10)
+    leaves = [a[k].clone().requires_grad_() for k in NCA_LEAVES]
+    out = torch.ops.fastnca.nca_step(*leaves, a["mask"], a["filters"])
+    g = torch.randn_like(out)
+    out.backward(g)
+    want, wgrads = nca_ref(a, g)
+    close(out, want, torch.float32)
+    for t, ref in zip(leaves, wgrads, strict=True):
+        close(t.grad, ref, torch.float32)
+    fresh = [t.detach().requires_grad_() for t in leaves]
+    opcheck(torch.ops.fastnca.nca_step.default, (*fresh, a["mask"], a["filters"]),
+            test_utils=UTILS)
+    opcheck(torch.ops.fastnca.nca_step.default, (*fresh[:4], None, a["mask"], a["filters"]),
+            test_utils=UTILS)
+    opcheck(torch.ops.fastnca.nca_step_backward.default,
+            (g, *[a[k] for k in NCA_LEAVES[:4]], a["mask"], a["filters"]), test_utils=UTILS)
+
+
+def test_nca_step_rollout_compile_fullgraph():
+    """Eight steps of a rollout (mask passed in) compiled as one graph, vs eager, fwd + bwd."""
+    a = nca_args(2, 12, 24, 20, 32)
+    masks = [(torch.rand(2, 1, 24, 20) < 0.5).to(DEVICE) for _ in range(8)]
+
+    def rollout(x, w1, b1, w2, b2):
+        for m in masks:
+            x = nca_step(x, w1, b1, w2, b2, mask=m)
+        return x.square().mean()
+
+    cf, counters = frame_count_compile(rollout)
+    leaves = [a[k].clone().requires_grad_() for k in NCA_LEAVES]
+    loss = cf(*leaves)
+    loss.backward()
+    eager = [a[k].clone().requires_grad_() for k in NCA_LEAVES]
+    want = rollout(*eager)
+    want.backward()
+    close(loss, want, torch.float32)
+    for t, e in zip(leaves, eager, strict=True):
+        close(t.grad, e.grad, torch.float32)
     assert counters["stats"]["unique_graphs"] == 1
