@@ -184,7 +184,7 @@ class LessonCA(nn.Module):
         y = F.conv2d(y, self.filters[:, None].to(x.dtype)).reshape(b, -1, h, w)
         y = self.w2(self.relu(self.w1(y)))
         update_mask = (torch.rand(b, 1, h, w, device=x.device) + update_rate).floor()
-        return x + y * update_mask
+        return x + y * update_mask.to(x.dtype)  # (.to: a bfloat16 state stays bfloat16)
 
     def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
         return x[..., :3, :, :] + 0.5

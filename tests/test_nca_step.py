@@ -7,6 +7,7 @@ from fastnca.kernels.nca_step import nca_step_bwd, nca_step_fwd
 from torch.library import opcheck
 
 from fastnca import DEFAULT_FILTERS, DISTILL_FILTERS
+from fastnca.nca import saved_tensor_bytes
 from fastnca.ops import nca_step
 from fastnca.ops.nca_step import _dense_checkpointed, update_mask
 from fastnca.reference import nca_step_ref
@@ -101,6 +102,19 @@ def test_registered_op_autograd_and_opcheck():
             test_utils=utils)
     opcheck(torch.ops.fastnca.nca_step_backward.default,
             (g, a["x"], a["w1"], a["b1"], a["w2"], a["mask"], a["filters"]), test_utils=utils)
+
+
+def test_cpu_ops_opcheck():
+    # The CPU ops hold no Triton: every opcheck utility runs, aot_dispatch ones included.
+    a = make(2, 3, 5, 4, 6, b2=True, mask="float", dtype=torch.float32)
+    leaves = [a[k].clone().requires_grad_() for k in ("x", "w1", "b1", "w2", "b2")]
+    opcheck(torch.ops.fastnca.nca_step_cpu.default, (*leaves, a["mask"], a["filters"]))
+    b = make(1, 2, 3, 3, 5, b1=False, dtype=torch.float32)
+    opcheck(torch.ops.fastnca.nca_step_cpu.default,
+            (b["x"].requires_grad_(), b["w1"], None, b["w2"], None, b["mask"], b["filters"]))
+    g = torch.randn(2, 3, 5, 4)
+    opcheck(torch.ops.fastnca.nca_step_cpu_backward.default,
+            (g, a["x"], a["w1"], a["b1"], a["w2"], a["mask"], a["filters"]))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
@@ -223,6 +237,13 @@ def test_compile_fullgraph_cpu_forward_backward():
         torch.testing.assert_close(t.grad, e.grad, rtol=1e-4, atol=1e-4)
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["stats"]["calls_captured"] >= 1
+    # Compiled, backward still keeps only x, the mask and the shared weights and filters.
+    step = torch.compile(lambda *t: nca_step(*t, mask=a["mask"], filters=DISTILL_FILTERS),
+                         fullgraph=True)
+    _, info = saved_tensor_bytes(step, *leaves)
+    x, mask = a["x"], a["mask"]
+    shared = sum(t.numel() * t.element_size() for t in (*leaves[1:], DISTILL_FILTERS))
+    assert info["saved"] <= x.numel() * x.element_size() + mask.numel() + shared
 
 
 @pytest.mark.parametrize(
