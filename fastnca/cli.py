@@ -53,4 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m fastnca.cli` runs this file as __main__, a second copy of the module: call the
+    # imported fastnca.cli.main so that the UsageError commands raise is the one caught there.
+    from fastnca.cli import main as _main
+
+    sys.exit(_main())

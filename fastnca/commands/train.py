@@ -1,0 +1,104 @@
+"""`fastnca train`: train a texture NCA on a style image (or a built-in texture).
+
+Examples:
+    fastnca train -o runs/quick                       # built-in texture, quick preset (CPU minutes)
+    fastnca train bricks.jpg -o runs/bricks --preset texture --compile --amp bf16
+    fastnca train --resume runs/bricks --iters 6000   # continue the same run and loss curve
+"""
+
+from __future__ import annotations
+
+import sys
+
+from fastnca.cli import UsageError
+
+# CLI option -> TrainConfig field (None: not given, the preset's value is used).
+_OPTIONS = ("iters", "size", "batch", "pool", "channels", "hidden", "min_steps", "max_steps",
+            "lr", "style_weight", "loss", "weights", "device", "amp", "seed", "texture")
+
+
+def _one_line_error(prog: str):
+    def error(message: str):
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    return error
+
+
+def add_parser(sub):
+    from fastnca.nca_train import LOSSES, PRESETS
+
+    p = sub.add_parser(
+        "train", help="train a texture NCA (outputs: checkpoint, pool.png, loss.png, growth.gif)",
+        description="Train a Neural Cellular Automaton that grows and keeps the texture of "
+        "STYLE_IMAGE (default: a texture built into fastnca, so it runs with no files and no "
+        "downloads). Writes RUN_DIR/config.json, checkpoint.pt, pool.pt, style.png, pool.png, "
+        "loss.png and growth.gif. Ctrl-C saves a checkpoint; --resume RUN_DIR continues.")
+    p.error = _one_line_error("fastnca train")
+    p.add_argument("style", nargs="?", metavar="STYLE_IMAGE",
+                   help="style image file (PNG/JPEG) or a built-in texture name "
+                   "(default: the built-in 'scales')")
+    p.add_argument("-o", "--out", metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--preset", default="quick", metavar="|".join(PRESETS),
+                   help="quick (CPU, minutes), lesson (fast.ai lesson), texture (Distill "
+                   "Self-Organising Textures); default quick")
+    for name, typ, what in (
+            ("iters", int, "training iterations"), ("size", int, "grid side in cells"),
+            ("batch", int, "grids per iteration"), ("pool", int, "grids in the pool"),
+            ("channels", int, "state channels"), ("hidden", int, "hidden units"),
+            ("min-steps", int, "fewest NCA steps per iteration"),
+            ("max-steps", int, "most NCA steps per iteration (exclusive)"),
+            ("lr", float, "Adam learning rate"),
+            ("style-weight", float, "weight of the style term")):
+        p.add_argument(f"--{name}", type=typ, default=None, help=f"{what} (default: preset's)")
+    p.add_argument("--loss", default=None, metavar="|".join(LOSSES),
+                   help="style loss: gram (Gram matrices) or swd (sliced Wasserstein)")
+    p.add_argument("--texture", default=None, help="built-in texture to use without STYLE_IMAGE")
+    p.add_argument("--weights", default=None, metavar="auto|imagenet|random|FILE",
+                   help="VGG16 weights (default auto: torchvision cache, else the offline "
+                   "fallback features)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--amp", default=None, metavar="none|bf16", help="mixed precision")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the NCA step (once) and the style loss")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--gif-frames", type=int, default=48,
+                   help="frames of growth.gif, 8 steps apart (default 48)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args) -> int:
+    from fastnca.nca_train import TrainingDiverged, TrainingRun
+    from fastnca.render import MissingDependencyError
+
+    if args.resume is None and args.out is None:
+        raise UsageError("give -o RUN_DIR (a new run directory) or --resume RUN_DIR")
+    if args.resume is not None and (args.out is not None or args.style is not None):
+        raise UsageError("--resume RUN_DIR continues that run: drop -o and STYLE_IMAGE")
+    overrides = {k: getattr(args, k) for k in _OPTIONS}
+    overrides["compile"] = args.compile
+    try:
+        plan = TrainingRun(args.style, args.out, args.preset, resume=args.resume, **overrides)
+    except (ValueError, TypeError) as e:
+        raise UsageError(_first_line(e)) from None
+    cfg = plan.cfg
+    print(f"fastnca train: {cfg.preset} preset, {cfg.size}x{cfg.size} grids, {cfg.channels} "
+          f"channels, {cfg.hidden} hidden, {plan.style_what}, {plan.device}, iterations "
+          f"{plan.done + 1}..{cfg.iters} -> {plan.run_dir}", file=sys.stderr, flush=True)
+    if args.gif_frames < 1:
+        raise UsageError(f"--gif-frames: expected a positive int, got {args.gif_frames}")
+    try:
+        res = plan.run(progress=not args.no_progress, gif_frames=args.gif_frames)
+    except (TrainingDiverged, MissingDependencyError) as e:
+        raise UsageError(_first_line(e)) from None
+    n = len(res.losses) - plan.done
+    print(f"fastnca train: {n} iterations in {res.seconds:.1f} s "
+          f"({res.seconds / max(1, n):.3f} s/iteration), final loss {res.losses[-1]:.4g}; wrote "
+          f"{', '.join(p.name for p in res.files.values())} in {res.run_dir}", file=sys.stderr)
+    return 0
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
