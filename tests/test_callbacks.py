@@ -67,7 +67,9 @@ STRATEGIES = {
     "fp32": lambda: [],
     "MixedPrecision(bf16)": lambda: [MixedPrecision()],
     "AccelerateCB(bf16)": lambda: [AccelerateCB("bf16")],
-    "CompileCB": lambda: [CompileCB()],
+    # aot_eager: dynamo + AOT autograd without inductor's C++ build (a cold inductor compile costs
+    # 15-60 s on a 2-core CI machine); bench_strategies.py runs CompileCB with inductor.
+    "CompileCB": lambda: [CompileCB(backend="aot_eager")],
 }
 
 

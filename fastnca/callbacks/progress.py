@@ -76,8 +76,9 @@ class ProgressCB(Callback):
         self._tty = self._is_tty()
         self._first_row, self._drawn = True, 0
         self.losses = []
-        if getattr(learn, "metrics", None) is not None:
-            learn.metrics._log = self._log_row
+        self._metrics = getattr(learn, "metrics", None)
+        if self._metrics is not None:
+            self._metrics._log = self._log_row  # MetricsCB rows become table rows
 
     def before_epoch(self, learn):
         try:
@@ -139,6 +140,8 @@ class ProgressCB(Callback):
 
     def cleanup_fit(self, learn):
         self._clear()
+        if self._metrics is not None:
+            vars(self._metrics).pop("_log", None)  # back to MetricsCB's own printing
 
     def save_plot(self, path: str | os.PathLike) -> None:
         """Save the training loss per batch as a PNG (matplotlib)."""
