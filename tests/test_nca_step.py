@@ -1,5 +1,9 @@
 """nca_step: the Triton kernels (interpreter), CPU paths and registered ops against nca_step_ref."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import TOL
@@ -244,6 +248,40 @@ def test_compile_fullgraph_cpu_forward_backward():
     x, mask = a["x"], a["mask"]
     shared = sum(t.numel() * t.element_size() for t in (*leaves[1:], DISTILL_FILTERS))
     assert info["saved"] <= x.numel() * x.element_size() + mask.numel() + shared
+
+
+_TRACE_SCRIPT = """
+import torch
+import torch._higher_order_ops.triton_kernel_wrap as tkw
+from functorch.compile import aot_function
+import fastnca
+from fastnca.reference import DEFAULT_FILTERS
+# No GPU to lower the kernels and find what they write: name the outputs.
+WRITES = {"nca_step_fwd_kernel": ["out_ptr"], "nca_step_bwd_dx_kernel": ["dx_ptr"],
+          "nca_step_bwd_kernel": ["dp_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr"]}
+tkw.get_mutated_tensors = lambda i, *a, **k: WRITES[tkw.kernel_side_table.get_kernel(i).fn.__name__]
+def partition(joint, *args, **kwargs):
+    print([tkw.kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
+           for n in joint.graph.nodes if "triton_kernel_wrapper" in str(n.target)])
+    raise SystemExit(0)
+args = [t.requires_grad_() for t in (torch.randn(1, 3, 5, 7), torch.randn(10, 12),
+                                     torch.randn(10), torch.randn(3, 10))]
+f = aot_function(lambda x, w1, b1, w2, m, k: torch.ops.fastnca.nca_step(x, w1, b1, w2, None, m, k),
+                 fw_compiler=lambda gm, _: gm, partition_fn=partition)
+f(*args, torch.rand(1, 1, 5, 7) < 0.5, DEFAULT_FILTERS)
+"""
+
+
+def test_compile_traces_the_triton_kernels():
+    # What torch.compile does to the registered op on CUDA, with compiled (not interpreted)
+    # kernels: AOTAutograd's joint graph must hold the forward and both backward kernels (a
+    # launch skipped for fake tensors would leave them out and return uninitialised memory).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == str(
+        ["nca_step_fwd_kernel", "nca_step_bwd_kernel", "nca_step_bwd_dx_kernel"])
 
 
 @pytest.mark.parametrize(
