@@ -97,7 +97,7 @@ class DtypeNet(nn.Module):
 
     def forward(self, x):
         h = self.lin(x)
-        self.seen.append((torch.is_autocast_enabled("cpu"), h.dtype))
+        self.seen.append((torch.is_autocast_enabled(x.device.type), h.dtype))
         return h
 
 
@@ -105,7 +105,7 @@ class DtypeNet(nn.Module):
                                 lambda: AccelerateCB("bf16")])
 def test_autocast_active_inside_predict_only(cb):
     model = DtypeNet()
-    probe = Probe(after_batch=lambda learn: torch.is_autocast_enabled("cpu"),
+    probe = Probe(after_batch=lambda learn: torch.is_autocast_enabled(learn.preds.device.type),
                   after_loss=lambda learn: learn.loss.dtype)
     Learner(model, _dls(32), F.mse_loss, cbs=[cb(), probe]).fit(1)
     assert model.seen == [(True, torch.bfloat16)] * 4  # 2 train + 2 valid batches
