@@ -31,7 +31,9 @@ accumulated in registers by persistent programs (each loops over tiles) and writ
 sum per program, reduced afterwards with torch.sum: no atomics, deterministic.
 
 Arithmetic is in float32 (float64 for float64 input); half-precision inputs are converted after the
-load and outputs cast at the store. Batch and plane offsets are 64-bit.
+load and outputs cast at the store. float32 dots run as 3xTF32 on NVIDIA tensor cores (about fp32
+accurate; plain TF32 when torch.backends.cuda.matmul.allow_tf32 is set). Batch and plane offsets
+are 64-bit.
 """
 
 from __future__ import annotations
@@ -208,10 +210,17 @@ def _pad(v: int) -> int:
     return max(16, triton.next_power_of_2(v))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 products in full precision unless the user opted into TF32 for matmuls.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    # float32 dots: "tf32" if the user allowed TF32 matmuls; else, on NVIDIA tensor-core GPUs,
+    # "tf32x3" (three TF32 products per fp32 product, about fp32 accurate: per-cell MLP FLOPs are
+    # ~120 per byte moved, so FMA-only "ieee" dots would make the step compute-bound); else "ieee".
+    if dtype != torch.float32:
+        return "ieee"
+    if torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
+    if device.type == "cuda" and torch.version.hip is None and \
+            torch.cuda.get_device_capability(device) >= (8, 0):
+        return "tf32x3"
     return "ieee"
 
 
@@ -251,7 +260,7 @@ def nca_step_fwd(x, w1, b1, w2, b2, mask, filters, block_m: int = 64):
     grid = (triton.cdiv(H * W, block_m), B)
     launch(nca_step_fwd_kernel, grid, x, k, w1, b1, w2, b2a, m, out, C, H, W, NF, HID,
            HAS_B2=b2 is not None, BLOCK_M=block_m, CP=_pad(C), FCP=_pad(NF * C), HP=_pad(HID),
-           DOT_PRECISION=_dot_precision(w1.dtype), num_warps=8)
+           DOT_PRECISION=_dot_precision(w1.dtype, x.device), num_warps=8)
     return out
 
 
@@ -291,7 +300,7 @@ def nca_step_bwd(grad, x, w1, b1, w2, mask, filters, block_m: int = 64,
     launch(nca_step_bwd_kernel, (n_prog,), x, k, w1, b1, w2, m, g, dp, dw1, db1, dw2, db2,
            C, H, W, NF, HID, tiles_per_img, n_tiles,
            BLOCK_M=block_m, CP=_pad(C), FCP=_pad(NF * C), HP=_pad(HID),
-           DOT_PRECISION=_dot_precision(acc), num_warps=8)
+           DOT_PRECISION=_dot_precision(acc, x.device), num_warps=8)
     launch(nca_step_bwd_dx_kernel, (tiles_per_img, B), dp, k, g, dx, C, H, W, NF,
            BLOCK_M=block_m, CP=_pad(C), num_warps=4)
     return dx, dw1.sum(0), db1.sum(0), dw2.sum(0), db2.sum(0)
