@@ -15,7 +15,7 @@ from pathlib import Path
 from fastnca.cli import UsageError
 
 BUILTIN = "builtin:"
-DEMO = dict(content="builtin:landscape", style="builtin:scales", size=160, steps=100,
+DEMO = dict(content="builtin:landscape", style="builtin:dots", size=128, steps=80,
             out="stylize_demo.png")
 
 
@@ -60,10 +60,10 @@ def add_parser(sub):
                    f"{DEMO['size']} px, {DEMO['steps']} steps); also writes <output>_grid.png "
                    "(content | style | result)")
     p.add_argument("--steps", type=_positive_int, default=None,
-                   help="optimisation steps (default 150; 100 with --demo)")
+                   help=f"optimisation steps (default 150; {DEMO['steps']} with --demo)")
     p.add_argument("--size", type=_positive_int, default=None,
-                   help="longest side in pixels; larger images are resized (default 256; 160 "
-                   "with --demo)")
+                   help=f"longest side in pixels; larger images are resized (default 256; "
+                   f"{DEMO['size']} with --demo)")
     p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
     p.add_argument("--style-weight", type=_nonneg_float, default=10.0,
                    help="weight of the style loss against the content loss (default 10)")
