@@ -5,10 +5,21 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from fastnca.checkpoint import load_checkpoint
 from fastnca.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these small workloads run far faster on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 TINY = ["--size", "16", "--channels", "4", "--hidden", "8", "--pool", "4", "--batch", "2",
         "--min-steps", "2", "--max-steps", "4", "--weights", "random", "--no-progress",
@@ -76,6 +87,7 @@ def test_render_cli_frames_and_sizes(run_dir, tmp_path):
     (["train"], "give -o RUN_DIR"),
     (["train", "--resume", "{tmp}"], "is not a run directory"),
     (["train", "-o", "{tmp}/r", "--iters", "abc"], "invalid int value"),
+    (["train", "-o", "{tmp}/r", "--threads", "0"], "--threads: expected a positive int"),
     (["render", "{tmp}/notes.txt", "-o", "{tmp}/a.gif"], "truncated or not a torch checkpoint"),
     (["render", "{tmp}", "-o", "{tmp}/a.gif"], "not a run directory"),
     (["render", "{tmp}/nope.pt", "-o", "{tmp}/a.gif"], "no such checkpoint"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from fastnca.cli import UsageError
-from fastnca.commands.train import _first_line, _one_line_error
+from fastnca.commands.train import _first_line, _one_line_error, set_threads
 
 DEFAULT_FRAMES, DEFAULT_STEPS_PER_FRAME = 60, 8
 
@@ -73,12 +73,14 @@ def add_parser(sub):
     p.add_argument("--scale", type=int, default=None,
                    help="upscale each cell to SCALE x SCALE pixels (default: to >= 256 px)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     return p
 
 
 def run(args) -> int:
     from fastnca.render import MissingDependencyError, render
 
+    set_threads(args.threads)
     size = _size(args.size)
     frames, spf = frame_plan(args.steps, args.frames, args.steps_per_frame)
     scale = args.scale if args.scale is not None else max(1, -(-256 // max(size)))

@@ -62,6 +62,9 @@ def add_parser(sub):
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the NCA step (once) and the style loss")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; 1 is often faster on a busy "
+                   "or 2-core machine)")
     p.add_argument("--gif-frames", type=int, default=48,
                    help="frames of growth.gif, 8 steps apart (default 48)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,6 +79,7 @@ def run(args) -> int:
         raise UsageError("give -o RUN_DIR (a new run directory) or --resume RUN_DIR")
     if args.resume is not None and (args.out is not None or args.style is not None):
         raise UsageError("--resume RUN_DIR continues that run: drop -o and STYLE_IMAGE")
+    set_threads(args.threads)
     overrides = {k: getattr(args, k) for k in _OPTIONS}
     overrides["compile"] = args.compile
     try:
@@ -97,6 +101,15 @@ def run(args) -> int:
           f"({res.seconds / max(1, n):.3f} s/iteration), final loss {res.losses[-1]:.4g}; wrote "
           f"{', '.join(p.name for p in res.files.values())} in {res.run_dir}", file=sys.stderr)
     return 0
+
+
+def set_threads(n: int | None) -> None:
+    if n is not None:
+        if n < 1:
+            raise UsageError(f"--threads: expected a positive int, got {n}")
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def _first_line(e: BaseException) -> str:
