@@ -45,6 +45,7 @@ MIN_GATED_SPEEDUP = 1.2
 ENV_QUICK = "FASTNCA_BENCH_QUICK"
 ENV_DEVICE = "FASTNCA_BENCH_DEVICE"
 ENV_SLOWDOWN = "FASTNCA_BENCH_INJECT_SLOWDOWN"
+ENV_THREADS = "FASTNCA_BENCH_THREADS"
 _HIDDEN_EXTRA = ("variant", "baseline", "speedup_vs_baseline")
 _PYTEST_TALLY = re.compile(r"^\d+ (passed|failed|error|deselected|skipped)")
 
@@ -89,6 +90,15 @@ def _slowed(fn, factor: float):
         return out
 
     return run
+
+
+def pytest_configure(config):
+    """FASTNCA_BENCH_THREADS=N: torch's intra-op threads for every benchmark of the session."""
+    threads = os.environ.get(ENV_THREADS)
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 @pytest.fixture(autouse=True)
@@ -159,8 +169,8 @@ def rows_from_pytest_json(data: dict) -> list[Row]:
     return rows
 
 
-def machine_info(device: str | None = None) -> dict:
-    """CPU model, cores, versions and the benchmark device (its name on CUDA)."""
+def machine_info(device: str | None = None, threads: int | None = None) -> dict:
+    """CPU model, cores, torch threads, versions and the benchmark device (its name on CUDA)."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -181,6 +191,7 @@ def machine_info(device: str | None = None) -> dict:
     info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "threads": threads or torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -344,6 +355,7 @@ def build_pytest_command(
         "-m",
         markexpr,
         "-q",
+        "-rs",
         "--benchmark-quiet",
         "--benchmark-json",
         str(json_out),
@@ -357,6 +369,7 @@ def run_suites(
     suite: str = "all",
     quick: bool = False,
     device: str | None = None,
+    threads: int | None = None,
     keyword: str | None = None,
     bench_dir: str | Path | None = None,
     extra_args: tuple[str, ...] = (),
@@ -374,6 +387,10 @@ def run_suites(
     run_env[ENV_QUICK] = "1" if quick else "0"
     if device:
         run_env[ENV_DEVICE] = device
+    if threads:
+        run_env[ENV_THREADS] = run_env["OMP_NUM_THREADS"] = run_env["MKL_NUM_THREADS"] = str(
+            threads
+        )
     with tempfile.TemporaryDirectory(prefix="fastnca-bench-") as tmp:
         json_out = Path(tmp) / "pytest-benchmark.json"
         cmd = build_pytest_command(bench_dir, markexpr, json_out, keyword, extra_args)

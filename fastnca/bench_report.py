@@ -56,7 +56,8 @@ def format_markdown(rows: list[Row], machine: dict, command: str) -> str:
     """Markdown: the machine and the command that produced it, then one table row per benchmark."""
     dev = machine.get("device_name") or machine.get("device")
     out = [
-        f"Measured with `{command}` on {machine['cpu']} ({machine['cores']} cores), device "
+        f"Measured with `{command}` on {machine['cpu']} ({machine['cores']} cores, "
+        f"{machine.get('threads', '?')} torch threads), device "
         f"{dev}; torch {machine['torch']}, triton {machine['triton']}, Python {machine['python']}.",
         "",
         "| group | variant | median | speed-up vs baseline | notes |",

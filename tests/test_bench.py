@@ -110,10 +110,10 @@ def test_table_markdown_json_plot(tmp_path):
     assert any(line.split()[:4] == ["fastnca", "10.00", "ms", "3.00x"] for line in
                table.splitlines())
     assert "GB/s=1.5" in table
-    machine = {"cpu": "Test CPU", "cores": 2, "torch": "2.x", "triton": "3.x", "python": "3.x",
-               "device": "cpu"}
+    machine = {"cpu": "Test CPU", "cores": 2, "threads": 1, "torch": "2.x", "triton": "3.x",
+               "python": "3.x", "device": "cpu"}
     md = bench_report.format_markdown(rows, machine, "fastnca bench --quick")
-    assert "`fastnca bench --quick`" in md and "Test CPU (2 cores)" in md
+    assert "`fastnca bench --quick`" in md and "Test CPU (2 cores, 1 torch threads)" in md
     assert "| lesson eager | 30.00 ms | 1.00x | (baseline) |" in md
     data = bench_report.results_json(rows, machine, "cmd")
     path = bench_report.write_json(tmp_path / "sub" / "r.json", data)
@@ -146,6 +146,7 @@ def test_cli_errors(capsys, monkeypatch, tmp_path):
     _one_line_error(capsys, ["--compare", "main", "--fail-above", "-1"], "percentage > 0")
     _one_line_error(capsys, ["--gate", "--min-fraction", "2"], "--min-fraction must be in (0, 1]")
     _one_line_error(capsys, ["--repeat", "0"], "--repeat must be >= 1, got 0")
+    _one_line_error(capsys, ["--threads", "0"], "--threads must be >= 1, got 0")
     _one_line_error(capsys, ["--compare", "nosuch"], "no run saved as 'nosuch'")
     _one_line_error(capsys, ["--gate", "--baseline", "missing.json"],
                     "no baseline file missing.json")
@@ -203,6 +204,7 @@ def test_real_run_gate_and_compare(fake_suite, tmp_path, capsys, monkeypatch):
     assert [r["rounds"] for r in a["rows"]] == [2 * bench.QUICK_ROUNDS] * 3
     assert a["rows"][2]["extra"]["min speed-up"] <= a["rows"][2]["speedup"]
     assert a["machine"]["cores"] >= 1 and a["gate"] is None
+    assert a["machine"]["threads"] == 1  # --quick runs on one torch thread unless told
     assert len(bench.saved_runs(tmp_path / ".benchmarks", "ref")) == 1  # saved once, last run
 
     assert main([*common, "--gate", "--compare", "ref", "--fail-above", "300"]) == 0

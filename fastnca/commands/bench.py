@@ -69,6 +69,14 @@ def add_parser(sub):
         help="bar chart PNG of the speed-ups (needs matplotlib: pip install 'fastnca[plot]')",
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch intra-op threads (OMP_NUM_THREADS) for the suites (default: 1 with --quick, "
+        "whose small sizes give stable ratios on one core even on a busy machine; else torch's)",
+    )
+    p.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -133,6 +141,8 @@ def _check_args(args) -> None:
         raise UsageError("--fail-above needs --compare NAME (a run saved earlier with --save NAME)")
     if args.fail_above is not None and not args.fail_above > 0:
         raise UsageError(f"--fail-above must be a percentage > 0, got {args.fail_above:g}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.repeat < 1:
         raise UsageError(f"--repeat must be >= 1, got {args.repeat}")
     if args.min_fraction is not None and not 0 < args.min_fraction <= 1:
@@ -217,7 +227,8 @@ def run(args) -> int:
         bench.parse_slowdown(os.environ.get(bench.ENV_SLOWDOWN))
     except bench.BenchError as e:
         raise UsageError(str(e)) from None
-    machine = bench.machine_info(device)
+    threads = args.threads or (1 if args.quick else None)
+    machine = bench.machine_info(device, threads)
     kind = bench.device_kind(machine)
     baseline_path = Path(args.baseline or bench_dir / "baselines" / f"{kind}.json")
     baseline = None
@@ -234,7 +245,7 @@ def run(args) -> int:
     for i in range(args.repeat):  # pytest-benchmark's --save/--compare act on the last run
         last = i == args.repeat - 1
         rows, rc = bench.run_suites(
-            args.suite, quick=args.quick, device=device, keyword=args.keyword,
+            args.suite, quick=args.quick, device=device, threads=threads, keyword=args.keyword,
             bench_dir=bench_dir, extra_args=tuple(extra if last else extra[:1]),
         )  # fmt: skip
         runs.append(rows)
@@ -245,7 +256,8 @@ def run(args) -> int:
         k = f", -k {args.keyword}" if args.keyword else ""
         raise UsageError(f"no benchmark matched (suite {args.suite}{', quick' * args.quick}{k})")
     print(
-        f"\nfastnca bench: {machine['cpu']} ({machine['cores']} cores), device "
+        f"\nfastnca bench: {machine['cpu']} ({machine['cores']} cores, {machine['threads']} "
+        f"torch threads), device "
         f"{machine.get('device_name', device)}, torch {machine['torch']}, "
         f"triton {machine['triton']}"
     )
