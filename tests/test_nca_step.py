@@ -140,6 +140,19 @@ def test_cpu_paths_float64(case, path):
                 TOL[torch.float64])
 
 
+def test_cpu_path_blocks_of_cells(monkeypatch):
+    # Fired cells go through the MLP in blocks: make them 7 cells to cross block edges.
+    monkeypatch.setattr(sys.modules["fastnca.ops.nca_step"], "_chunk", lambda: 7)
+    a = make(2, 3, 6, 5, 10, b2=True, mask="float")
+    leaves = [a[k].clone().requires_grad_() for k in ("x", "w1", "b1", "w2", "b2")]
+    out = nca_step(*leaves, mask=a["mask"], filters=a["filters"])
+    g = torch.randn_like(out)
+    out.backward(g)
+    want, wgrads = ref_grads(a, g)
+    torch.testing.assert_close(out, want, **TOL[torch.float64])
+    check_grads([t.grad for t in leaves], wgrads, TOL[torch.float64])
+
+
 def test_cpu_path_gradcheck_layouts_and_lesson_weights():
     a = make(1, 2, 4, 3, 5, nf=3, b2=True, mask="float")
     inputs = tuple(a[k].clone().requires_grad_() for k in ("x", "w1", "b1", "w2", "b2"))
