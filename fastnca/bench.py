@@ -21,6 +21,7 @@ a ``--save``\\ d run, is wired by the command line in ``fastnca/commands/bench.p
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -46,6 +47,8 @@ ENV_QUICK = "FASTNCA_BENCH_QUICK"
 ENV_DEVICE = "FASTNCA_BENCH_DEVICE"
 ENV_SLOWDOWN = "FASTNCA_BENCH_INJECT_SLOWDOWN"
 ENV_THREADS = "FASTNCA_BENCH_THREADS"
+ENV_PAIRED = "FASTNCA_BENCH_PAIRED"
+PAIRED_KEY = "paired speed-up"
 _HIDDEN_EXTRA = ("variant", "baseline", "speedup_vs_baseline")
 _PYTEST_TALLY = re.compile(r"^\d+ (passed|failed|error|deselected|skipped)")
 
@@ -101,28 +104,61 @@ def pytest_configure(config):
         torch.set_num_threads(int(threads))
 
 
+def paired_speedup(baseline_call, row_call, rounds: int) -> float:
+    """Median over ``rounds`` of t(baseline) / t(row), the two timed back to back (order
+    alternating), so a change of machine load hits both sides of each ratio alike."""
+    ratios = []
+    for i in range(max(1, rounds)):
+        t = {}
+        for name, fn in (("b", baseline_call), ("r", row_call))[:: 1 if i % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            fn()
+            t[name] = time.perf_counter() - t0
+        ratios.append(t["b"] / max(t["r"], 1e-12))
+    return statistics.median(ratios)
+
+
+_BASELINE_CALLS: dict[str, object] = {}  # group -> the baseline variant's timed call (this file)
+_BASELINE_MODULE: list = [None]
+
+
 @pytest.fixture(autouse=True)
 def _fastnca_bench_pedantic(request):
-    """Wrap ``benchmark.pedantic``: quick-mode round cap and the injected slowdown."""
+    """Wrap ``benchmark.pedantic``: quick-mode round cap, the injected slowdown, and the speed-up of
+    each gated row paired with its group's baseline (``extra_info["paired speed-up"]``; off with
+    FASTNCA_BENCH_PAIRED=0)."""
     if "benchmark" not in request.fixturenames:
         yield
         return
+    if _BASELINE_MODULE[0] is not request.module:  # groups live in one file: free the last one's
+        _BASELINE_CALLS.clear()
+        _BASELINE_MODULE[0] = request.module
     bm = request.getfixturevalue("benchmark")
     original = bm.pedantic
     slow = parse_slowdown(os.environ.get(ENV_SLOWDOWN))
 
-    def pedantic(target, *args, rounds=1, **kwargs):
+    def pedantic(target, args=(), kwargs=None, setup=None, teardown=None, rounds=1,
+                 warmup_rounds=0, iterations=1):  # fmt: skip
         if os.environ.get(ENV_QUICK) == "1":
             rounds = min(rounds, QUICK_ROUNDS)
-        ei = bm.extra_info
-        variant = str(ei.get("variant", ""))
-        if is_gated(variant, ei.get("baseline", BASELINE_VARIANT)):
+        ei, group = bm.extra_info, str(bm.group)
+        variant, base = str(ei.get("variant", "")), ei.get("baseline", BASELINE_VARIANT)
+        if is_gated(variant, base):
             for name, factor in slow.items():
-                if name in str(bm.group).lower() and factor > 1:
+                if name in group.lower() and factor > 1:
                     target = _slowed(target, factor)
                     ei["injected_slowdown"] = factor
                     break
-        return original(target, *args, rounds=rounds, **kwargs)
+        out = original(target, args, kwargs, setup=setup, teardown=teardown, rounds=rounds,
+                       warmup_rounds=warmup_rounds, iterations=iterations)  # fmt: skip
+        if setup is None and os.environ.get(ENV_PAIRED, "1") == "1":
+            call = functools.partial(target, *args, **(kwargs or {}))
+            if variant == base:
+                _BASELINE_CALLS[group] = call
+            elif is_gated(variant, base) and group in _BASELINE_CALLS:
+                ratio = paired_speedup(_BASELINE_CALLS[group], call, rounds)
+                ei[PAIRED_KEY] = round(ratio, 3)
+        return out
 
     bm.pedantic = pedantic
     yield
@@ -140,6 +176,7 @@ class Row:
     baseline: str = BASELINE_VARIANT
     extra: dict = field(default_factory=dict)
     rounds: int = 0
+    paired: bool = False  # ratio timed interleaved with the baseline (see paired_speedup)
 
     @property
     def key(self) -> str:
@@ -164,7 +201,9 @@ def rows_from_pytest_json(data: dict) -> list[Row]:
         )
     for r in rows:
         base = [b for b in rows if b.group == r.group and b.variant == r.baseline]
-        if base and r.median_s > 0:
+        if PAIRED_KEY in r.extra:  # timed interleaved with the baseline: the steadier number
+            r.ratio, r.paired = float(r.extra.pop(PAIRED_KEY)), True
+        elif base and r.median_s > 0:
             r.ratio = base[0].median_s / r.median_s
     return rows
 
@@ -235,6 +274,7 @@ def combine_runs(runs: list[list[Row]]) -> list[Row]:
                 r.baseline,
                 extra,
                 sum(x.rounds for x in same),
+                r.paired,
             )
         )
     return out

@@ -38,12 +38,14 @@ def format_table(rows: list[Row]) -> str:
         return "(no benchmarks ran)"
     width = max(24, *(len(r.variant) + 2 for r in rows))
     lines = [
-        f"{'group / variant':<{width}}  {'median':>11}  {'speed-up':>8}  (vs baseline, same run)"
+        f"{'group / variant':<{width}}  {'median':>11}  {'speed-up':>9}  (vs baseline, same run; "
+        "* = timed alternately with the baseline)"
     ]
     for group, rs in _groups(rows).items():
         lines.append(f"{group}   [baseline: {rs[0].baseline}]")
         for r in rs:
             ratio = f"{r.ratio:7.2f}x" if r.ratio is not None else "     n/a"
+            ratio += "*" if r.paired else " "
             extra = _fmt_extra(r.extra)
             lines.append(
                 f"  {r.variant:<{width - 2}}  {_fmt_time(r.median_s):>11}  {ratio}"
@@ -59,13 +61,16 @@ def format_markdown(rows: list[Row], machine: dict, command: str) -> str:
         f"Measured with `{command}` on {machine['cpu']} ({machine['cores']} cores, "
         f"{machine.get('threads', '?')} torch threads), device "
         f"{dev}; torch {machine['torch']}, triton {machine['triton']}, Python {machine['python']}.",
+        "Speed-up = median time of the group's baseline / the row's, in the same run; * = the "
+        "row's rounds and the baseline's were timed alternately (paired), so machine load hits "
+        "both alike.",
         "",
         "| group | variant | median | speed-up vs baseline | notes |",
         "|---|---|---:|---:|---|",
     ]
     for group, rs in _groups(rows).items():
         for i, r in enumerate(rs):
-            ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "n/a"
+            ratio = (f"{r.ratio:.2f}x" if r.ratio is not None else "n/a") + "*" * r.paired
             note = _fmt_extra(r.extra) + (" (baseline)" if r.variant == r.baseline else "")
             out.append(
                 f"| {group if i == 0 else ''} | {r.variant} | {_fmt_time(r.median_s).strip()} "
@@ -88,6 +93,7 @@ def results_json(rows: list[Row], machine: dict, command: str, gate: dict | None
                 "speedup": r.ratio,
                 "baseline": r.baseline,
                 "rounds": r.rounds,
+                "paired": r.paired,
                 "extra": r.extra,
             }
             for r in rows

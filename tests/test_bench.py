@@ -74,6 +74,20 @@ def test_gate_fails_on_slowdown_and_passes_without():
                for x in bench.check_gate(rows, base).lines)
 
 
+def test_paired_speedup_preferred():
+    """A row timed alternately with its baseline reports that ratio (steadier under load)."""
+    import time
+
+    ratio = bench.paired_speedup(lambda: time.sleep(0.006), lambda: time.sleep(0.002), rounds=3)
+    assert 2.0 < ratio < 3.5
+    data = _pytest_json(MEDIANS)
+    data["benchmarks"][3]["extra_info"]["paired speed-up"] = 2.5
+    rows = bench.rows_from_pytest_json(data)
+    assert rows[3].ratio == 2.5 and rows[3].paired and "paired speed-up" not in rows[3].extra
+    assert not rows[4].paired and rows[4].ratio == pytest.approx(2.0)
+    assert "    2.50x*" in bench_report.format_table(rows)
+
+
 def test_combine_runs_median_and_min():
     runs = [bench.rows_from_pytest_json(_pytest_json({**MEDIANS, "fastnca": m}))
             for m in (0.010, 0.015, 0.006)]
@@ -221,8 +235,10 @@ def test_real_run_gate_and_compare(fake_suite, tmp_path, capsys, monkeypatch):
     assert b["gate"]["ok"] is False
     fast = next(r for r in b["rows"] if r["variant"] == "fastnca")
     assert fast["extra"]["injected_slowdown"] == 4.0
+    assert fast["paired"] and fast["speedup"] < 2  # timed alternately with lesson eager
     lesson = next(r for r in b["rows"] if r["variant"] == "lesson compiled")
     assert "injected_slowdown" not in lesson["extra"]  # the lesson's rows are never slowed
+    assert not lesson["paired"]
 
 
 def test_no_benchmark_matched(fake_suite, capsys):
