@@ -231,8 +231,11 @@ class RandomMultiScaleFeatures(nn.Module):
         out = []
         for n, k in enumerate(self.levels):
             s, pad = 2**k, (self.base - 1) // 2 * 2**k  # pad: s on each side for base 3
-            rows, cols = (H // s + self.base - 1) * s, (W // s + self.base - 1) * s
-            xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")[..., :rows, :cols]
+            # Replicate padding, cropped to a multiple of s, as one gather: padded row r is row
+            # clamp(r - pad, 0, H - 1). (Inductor mis-strides replication_pad2d's backward.)
+            rows = torch.arange(-pad, (H // s + self.base - 1) * s - pad, device=x.device)
+            cols = torch.arange(-pad, (W // s + self.base - 1) * s - pad, device=x.device)
+            xp = x.index_select(-2, rows.clamp(0, H - 1)).index_select(-1, cols.clamp(0, W - 1))
             w = getattr(self, f"weight_{n}")
             out.append(F.relu(F.conv2d(F.pixel_unshuffle(xp, s), w.to(x.dtype))))
         return out

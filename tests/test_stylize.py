@@ -169,7 +169,7 @@ def test_cli_runs_and_writes_output(tmp_path, capsys):
     assert (tmp_path / "new" / "dir" / "out_progress.png").is_file()
     assert "offline fallback" in err and "wrote" in stdout and "3 steps" in stdout
     out.write_bytes(b"old")  # an existing output is replaced
-    code, _, _ = _cli(capsys, "--demo", "-o", out, "--size", 20, "--steps", 2, "-q")
+    code, _, _ = _cli(capsys, "--demo", "-o", out, "--size", 20, "--steps", 2, "-q", "--amp")
     assert code == 0 and Image.open(out).size == (20, 20)
     assert Image.open(tmp_path / "new" / "dir" / "out_grid.png").size == (2 + 3 * 22, 24)
     assert sorted(p.name for p in out.parent.iterdir()) == [

@@ -76,9 +76,11 @@ def add_parser(sub):
                    "imagenet (require them), random (the offline fallback) or a state-dict file")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=("bf16", "fp16"),
-                   help="autocast the feature extractor and losses (bf16 if no value; on CPUs "
-                   "without bf16 instructions this is slower)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: autocast the feature extractor and losses to "
+                   "--amp-dtype (on CPUs without bf16 instructions this is slower)")
+    p.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16",
+                   help="autocast dtype for --amp (default bf16; fp16 uses a gradient scaler)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the loss (features + Grams); pays a compile time first")
     p.add_argument("--log-every", type=_positive_int, default=None, metavar="N",
@@ -151,6 +153,15 @@ def run(args) -> int:
     if size < 16:
         raise UsageError(f"--size: expected at least 16 pixels, got {size}")
     dev = _device(args.device)
+    if args.amp:
+        import torch
+
+        from fastnca.callbacks import check_autocast
+
+        try:
+            check_autocast(dev.type, torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16)
+        except ValueError as e:
+            raise UsageError(f"--amp: {e}") from None
     content = _image(args.content, "CONTENT", size, verbose)
     style = _image(args.style, "STYLE", size, verbose)
 
@@ -169,8 +180,9 @@ def run(args) -> int:
     t0 = time.perf_counter()
     img = stylize(content, style, steps=steps, lr=args.lr, style_weight=args.style_weight,
                   content_weight=args.content_weight, init=args.init, size=None, features=feats,
-                  device=dev, amp=args.amp or False, compile=args.compile, progress=verbose,
-                  log_every=args.log_every, log_path=log_path, seed=args.seed, verbose=verbose)
+                  device=dev, amp=args.amp_dtype if args.amp else False, compile=args.compile,
+                  progress=verbose, log_every=args.log_every, log_path=log_path, seed=args.seed,
+                  verbose=verbose)
     secs = time.perf_counter() - t0
     try:
         save_image(img, out)
