@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastnca.callbacks import CompileCB, DeviceCB, MixedPrecision, ProgressCB
+from fastnca.callbacks import DeviceCB, MixedPrecision, ProgressCB
 from fastnca.data import dummy_dls
 from fastnca.features import VGG16Features, layer_index
 from fastnca.images import image_grid, load_image, save_image
@@ -210,7 +210,8 @@ def stylize(content, style, steps: int = 150, lr: float = 0.05,
     features: a VGG16Features holding at least the content and style layers (default: one built
     with ``weights``, see fastnca.features). amp: False, True/"bf16" or "fp16" (autocast for the
     feature extractor and losses); compile: torch.compile the loss (features + Grams) with
-    fullgraph=True (True: inductor; a string: that backend).
+    fullgraph=True (True: inductor; a string: that backend). The loss, not the model, is compiled:
+    the model only returns its parameter (CompileCB in ``cbs`` would compile that instead).
     log_every/log_path: an ImageLogCB (snapshots every N steps, grid saved to log_path).
     Returns the stylized image, (1, 3, H, W) float32 in [0, 1] on the CPU.
     """
@@ -255,8 +256,3 @@ def stylize(content, style, steps: int = 150, lr: float = 0.05,
                     cbs=[*cb_list, *cbs], opt_func=torch.optim.Adam)
     learn.fit(1, valid=False)
     return model.t.detach().float().cpu().clamp(0, 1)
-
-
-# CompileCB compiles the model; for pixel optimisation the model is trivial and the cost is in the
-# loss, so stylize compiles the loss instead. CompileCB is re-exported for users who want both.
-_ = CompileCB
