@@ -15,6 +15,8 @@ bf16 instructions (AVX512-BF16/AMX) bf16 is emulated and much slower than float3
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import device, sync
@@ -35,9 +37,9 @@ from fastnca.textures import builtin_content, builtin_texture
 
 pytestmark = pytest.mark.train
 
-SIZE = 256
+SIZE = 64 if os.environ.get("FASTNCA_BENCH_QUICK") == "1" else 256  # fastnca bench --quick: 64
 VARIANTS = ["fp32 eager", "bf16", "compiled", "compiled+bf16"]
-EXTRACTORS = ["fallback", "vgg16"]
+EXTRACTORS = [pytest.param("fallback", marks=pytest.mark.quick), "vgg16"]
 
 
 def _features(kind: str, dev) -> VGG16Features:

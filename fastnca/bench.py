@@ -49,6 +49,7 @@ ENV_SLOWDOWN = "FASTNCA_BENCH_INJECT_SLOWDOWN"
 ENV_THREADS = "FASTNCA_BENCH_THREADS"
 ENV_PAIRED = "FASTNCA_BENCH_PAIRED"
 PAIRED_KEY = "paired speed-up"
+PAIR_BELOW_S = 1.0
 _HIDDEN_EXTRA = ("variant", "baseline", "speedup_vs_baseline")
 _PYTEST_TALLY = re.compile(r"^\d+ (passed|failed|error|deselected|skipped)")
 
@@ -118,6 +119,12 @@ def paired_speedup(baseline_call, row_call, rounds: int) -> float:
     return statistics.median(ratios)
 
 
+def _pair(bm) -> bool:
+    """Pair rows whose rounds are short (< PAIR_BELOW_S): a long round already averages the load
+    over its own length, and pairing it would double a slow benchmark's time."""
+    return bm.stats is not None and bm.stats.stats.median < PAIR_BELOW_S
+
+
 _BASELINE_CALLS: dict[str, object] = {}  # group -> the baseline variant's timed call (this file)
 _BASELINE_MODULE: list = [None]
 
@@ -155,7 +162,7 @@ def _fastnca_bench_pedantic(request):
             call = functools.partial(target, *args, **(kwargs or {}))
             if variant == base:
                 _BASELINE_CALLS[group] = call
-            elif is_gated(variant, base) and group in _BASELINE_CALLS:
+            elif is_gated(variant, base) and group in _BASELINE_CALLS and _pair(bm):
                 ratio = paired_speedup(_BASELINE_CALLS[group], call, rounds)
                 ei[PAIRED_KEY] = round(ratio, 3)
         return out
