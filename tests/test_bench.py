@@ -213,6 +213,7 @@ def test_real_run_gate_and_compare(fake_suite, tmp_path, capsys, monkeypatch):
     assert list(base["speedups"]) == ["fake op small :: fastnca"]  # quick subset, gated row only
     assert base["speedups"]["fake op small :: fastnca"] > 3  # 12 ms / 2 ms, roughly
     assert base["recorded_with"].startswith("fastnca bench --quick --write-baseline --suite ops")
+    assert "--repeat 2 --device cpu" in base["recorded_with"]
     a = json.loads((tmp_path / "a.json").read_text())
     # 9 rounds capped to 5 in quick mode, twice (--repeat 2); the lowest speed-up is kept.
     assert [r["rounds"] for r in a["rows"]] == [2 * bench.QUICK_ROUNDS] * 3

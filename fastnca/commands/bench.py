@@ -22,6 +22,7 @@ from fastnca.cli import UsageError
 
 SUITE_NAMES = ("ops", "train", "all")
 DEVICES = ("cpu", "cuda")
+DEFAULT_JSON = ".benchmarks/fastnca-bench.json"
 
 
 def add_parser(sub):
@@ -57,7 +58,7 @@ def add_parser(sub):
     )
     p.add_argument(
         "--json",
-        default=".benchmarks/fastnca-bench.json",
+        default=DEFAULT_JSON,
         metavar="PATH",
         help="write the rows, the machine and the gate result here (default: %(default)s)",
     )
@@ -178,6 +179,8 @@ def _command_line(args) -> str:
             parts.append("--" + opt.replace("_", "-"))
     for opt in (
         "suite",
+        "threads",
+        "repeat",
         "device",
         "keyword",
         "json",
@@ -190,7 +193,9 @@ def _command_line(args) -> str:
         "fail_above",
     ):
         value = getattr(args, opt)
-        if value is not None and value != {"suite": "all", "repeat": 1}.get(opt):
+        if value is not None and value != {"suite": "all", "repeat": 1, "json": DEFAULT_JSON}.get(
+            opt
+        ):
             flag = "-k" if opt == "keyword" else "--" + opt.replace("_", "-")
             parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     return shlex.join(parts)
