@@ -34,8 +34,16 @@ tally=$(grep -E "^[0-9]+ (passed|failed)|passed|failed|error" docs/gpu_check_tes
 echo "== gpu_check: ops suite on CUDA ($(date -u +%T))"
 plot=()
 "$PY" -c "import matplotlib" 2>/dev/null && plot=(--plot docs/gpu_check.png)
+# Ratio gate against this card's committed baseline; without one, record it (commit the file).
+kind=$("$PY" -c "from fastnca.bench import device_kind as k, machine_info as m; print(k(m('cuda')))")
+baseline=benchmarks/baselines/$kind.json
+if [ -f "$baseline" ]; then
+  gate=(--gate); gate_note="ratio gate against $baseline"
+else
+  gate=(--write-baseline); gate_note="no baseline for $kind yet: recorded $baseline, commit it"
+fi
 timeout 240 "$PY" -m fastnca.cli bench --suite ops --device cuda --json docs/gpu_check.json \
-  --markdown docs/gpu_check_table.md "${plot[@]}"
+  --markdown docs/gpu_check_table.md "${plot[@]}" "${gate[@]}"
 rc_bench=$?
 
 {
@@ -44,7 +52,7 @@ rc_bench=$?
   echo "Made by \`bash benchmarks/gpu_check.sh\` in $(( $(date +%s) - t0 )) s on $(date -u +%F)."
   echo
   echo "Kernel tests on CUDA (benchmarks/test_cuda_kernels.py): ${tally:-no result} (exit $rc_tests)."
-  echo "Ops suite exit: $rc_bench."
+  echo "Ops suite exit: $rc_bench ($gate_note)."
   echo
   [ -f docs/gpu_check_table.md ] && cat docs/gpu_check_table.md
 } > docs/gpu_check.md
