@@ -96,7 +96,8 @@ def write_animation(frames: Sequence[np.ndarray], path, fps: float = 20.0, scale
     """Write (H, W, 3) uint8 ``frames`` as a looping GIF or an MP4 (by ``path``'s suffix).
 
     Frames are upscaled ``scale`` times (nearest neighbour). Written to a temporary file and
-    moved into place. MP4 needs ``imageio-ffmpeg`` (``MissingDependencyError`` otherwise).
+    moved into place. MP4 needs ``imageio-ffmpeg`` (``MissingDependencyError`` otherwise). In a
+    GIF, Pillow merges identical consecutive frames into one (their durations add).
     """
     p = Path(path).expanduser()
     ext = p.suffix.lower()

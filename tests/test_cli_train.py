@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastnca.checkpoint import load_checkpoint
+from fastnca.checkpoint import load_checkpoint, save_checkpoint
 from fastnca.cli import main
+from fastnca.nca import NCA
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,17 +63,24 @@ def test_train_writes_the_run_dir_and_resume_continues(run_dir, capsys):
 
 
 def test_render_cli_frames_and_sizes(run_dir, tmp_path):
+    # A lively model, so that no two frames are equal (Pillow merges equal neighbours).
+    torch.manual_seed(0)
+    m = NCA(channels=4, hidden=8)
+    with torch.no_grad():
+        m.w2.weight.normal_(0, 0.3)
+    save_checkpoint(tmp_path / "lively.pt", m)
     out = tmp_path / "g.gif"
-    assert main(["render", str(run_dir), "-o", str(out), "--size", "12x20", "--frames", "3",
-                 "--steps-per-frame", "2", "--scale", "2"]) == 0
+    assert main(["render", str(tmp_path / "lively.pt"), "-o", str(out), "--size", "12x20",
+                 "--frames", "3", "--steps-per-frame", "2", "--scale", "2"]) == 0
     with Image.open(out) as im:
         assert im.n_frames == 3 and im.size == (40, 24)
     with Image.open(tmp_path / "g.png") as im:
         assert im.size == (40, 24)
-    assert main(["render", str(run_dir / "checkpoint.pt"), "-o", str(out), "--steps", "6",
+    assert main(["render", str(tmp_path / "lively.pt"), "-o", str(out), "--steps", "6",
                  "--size", "8"]) == 0
     with Image.open(out) as im:
         assert im.n_frames == 6 and im.size[0] >= 256  # default: upscaled to >= 256 px
+    assert main(["render", str(run_dir), "-o", str(out), "--frames", "2", "--size", "9"]) == 0
 
 
 @pytest.mark.parametrize("args, words", [

@@ -14,7 +14,7 @@ from fastnca.cli import UsageError
 
 # CLI option -> TrainConfig field (None: not given, the preset's value is used).
 _OPTIONS = ("iters", "size", "batch", "pool", "channels", "hidden", "min_steps", "max_steps",
-            "lr", "style_weight", "loss", "weights", "device", "amp", "seed", "texture")
+            "lr", "style_weight", "loss", "weights", "device", "amp", "seed", "texture", "threads")
 
 
 def _one_line_error(prog: str):
@@ -35,8 +35,8 @@ def add_parser(sub):
         "loss.png and growth.gif. Ctrl-C saves a checkpoint; --resume RUN_DIR continues.")
     p.error = _one_line_error("fastnca train")
     p.add_argument("style", nargs="?", metavar="STYLE_IMAGE",
-                   help="style image file (PNG/JPEG) or a built-in texture name "
-                   "(default: the built-in 'scales')")
+                   help="style image file (PNG/JPEG) or a built-in texture name (default: "
+                   "--texture, else the preset's: 'stripes' for quick, 'scales' otherwise)")
     p.add_argument("-o", "--out", metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--preset", default="quick", metavar="|".join(PRESETS),
@@ -63,8 +63,8 @@ def add_parser(sub):
                    help="torch.compile the NCA step (once) and the style loss")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's; 1 is often faster on a busy "
-                   "or 2-core machine)")
+                   help="CPU threads for torch while training (default: the preset's: 1 for "
+                   "quick, whose small tensors run fastest on one thread; else torch's)")
     p.add_argument("--gif-frames", type=int, default=48,
                    help="frames of growth.gif, 8 steps apart (default 48)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -72,14 +72,16 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from fastnca.nca_train import TrainingDiverged, TrainingRun
+    from fastnca.nca_run import TrainingRun
+    from fastnca.nca_train import TrainingDiverged
     from fastnca.render import MissingDependencyError
 
     if args.resume is None and args.out is None:
         raise UsageError("give -o RUN_DIR (a new run directory) or --resume RUN_DIR")
     if args.resume is not None and (args.out is not None or args.style is not None):
         raise UsageError("--resume RUN_DIR continues that run: drop -o and STYLE_IMAGE")
-    set_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: expected a positive int, got {args.threads}")
     overrides = {k: getattr(args, k) for k in _OPTIONS}
     overrides["compile"] = args.compile
     try:
