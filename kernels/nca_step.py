@@ -41,8 +41,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastnca.kernels._launch import launch as _interpreter_launch
-from torch.library import wrap_triton
+from fastnca.kernels._launch import launch
 
 
 @triton.jit
@@ -192,18 +191,6 @@ def nca_step_bwd_dx_kernel(dp_ptr, k_ptr, g_ptr, dx_ptr, C, H, W, NF,
                 d = tl.load(dp_base + plane[None, :] + src[:, None], mask=lm, other=0.0)
                 acc += tl.load(k_ptr + f * 9 + (a * 3 + e)) * d.to(acc_ty)
     tl.store(dx_ptr + b * C * HW + offs, acc.to(dx_ptr.dtype.element_ty), mask=lm)
-
-
-def launch(kernel, grid, *args, **kwargs) -> None:
-    # kernels/_launch.launch skips the launch whenever an argument is a fake tensor. That is needed
-    # under the interpreter (it would read fake data), but while torch.compile traces the op on
-    # CUDA the arguments are fake too, and a skipped wrap_triton call leaves the kernel out of the
-    # traced graph. A compiled kernel goes through wrap_triton always: it records the kernel when
-    # tracing, does nothing under FakeTensorMode and launches on real tensors.
-    if isinstance(kernel, triton.runtime.JITFunction):
-        wrap_triton(kernel)[grid](*args, **kwargs)
-    else:
-        _interpreter_launch(kernel, grid, *args, **kwargs)
 
 
 def _pad(v: int) -> int:

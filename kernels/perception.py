@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from fastnca.kernels._launch import launch
 
 
 @triton.jit
-def _wrapped_offsets(i0, j0, H, W, DI: tl.constexpr, DJ: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_W: tl.constexpr):
+def _wrapped_offsets(
+    i0, j0, H, W, DI: tl.constexpr, DJ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr
+):
     # Row/col indices of the tile shifted by (DI, DJ), wrapped into [0, H) x [0, W).
     # `%` truncates toward zero like C, so add H (resp. W) before taking it.
     rows = i0 + tl.arange(0, BLOCK_H)
@@ -39,8 +39,28 @@ def _wrapped_offsets(i0, j0, H, W, DI: tl.constexpr, DJ: tl.constexpr, BLOCK_H: 
 
 
 @triton.jit
-def perceive_fwd_kernel(x_ptr, k_ptr, out_ptr, H, W, NF, BLOCK_H: tl.constexpr,
-                        BLOCK_W: tl.constexpr):
+def _tap(
+    base,
+    i0,
+    j0,
+    H,
+    W,
+    DI: tl.constexpr,
+    DJ: tl.constexpr,
+    inb,
+    acc_ty: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    # The tile shifted by (DI, DJ) with circular wrap, converted to the accumulation dtype.
+    offs = _wrapped_offsets(i0, j0, H, W, DI, DJ, BLOCK_H, BLOCK_W)
+    return tl.load(base + offs, mask=inb).to(acc_ty)
+
+
+@triton.jit
+def perceive_fwd_kernel(
+    x_ptr, k_ptr, out_ptr, H, W, NF, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr
+):
     # x: (B*C, H, W) contiguous planes; k: (NF, 3, 3) in the accumulation dtype;
     # out: (B*C*NF, H, W), plane bc*NF + f.
     bc = tl.program_id(0).to(tl.int64)
@@ -53,28 +73,37 @@ def perceive_fwd_kernel(x_ptr, k_ptr, out_ptr, H, W, NF, BLOCK_H: tl.constexpr,
     cols = j0 + tl.arange(0, BLOCK_W)
     inb = (rows[:, None] < H) & (cols[None, :] < W)
     # The nine taps, t{a}{e} = x[(i+a-1) mod H, (j+e-1) mod W], loaded once for all filters.
-    t00 = tl.load(x_base + _wrapped_offsets(i0, j0, H, W, -1, -1, BLOCK_H, BLOCK_W), mask=inb).to(acc_ty)
-    t01 = tl.load(x_base + _wrapped_offsets(i0, j0, H, W, -1, 0, BLOCK_H, BLOCK_W), mask=inb).to(acc_ty)
-    t02 = tl.load(x_base + _wrapped_offsets(i0, j0, H, W, -1, 1, BLOCK_H, BLOCK_W), mask=inb).to(acc_ty)
-    t10 = tl.load(x_base + _wrapped_offsets(i0, j0, H, W, 0, -1, BLOCK_H, BLOCK_W), mask=inb).to(acc_ty)
-    t11 = tl.load(x_base + _wrapped_offsets(i0, j0, H, W, 0, 0, BLOCK_H, BLOCK_W), mask=inb).to(acc_ty)
-    t12 = tl.load(x_base + _wrapped_offsets(i0, j0, H, W, 0, 1, BLOCK_H, BLOCK_W), mask=inb).to(acc_ty)
-    t20 = tl.load(x_base + _wrapped_offsets(i0, j0, H, W, 1, -1, BLOCK_H, BLOCK_W), mask=inb).to(acc_ty)
-    t21 = tl.load(x_base + _wrapped_offsets(i0, j0, H, W, 1, 0, BLOCK_H, BLOCK_W), mask=inb).to(acc_ty)
-    t22 = tl.load(x_base + _wrapped_offsets(i0, j0, H, W, 1, 1, BLOCK_H, BLOCK_W), mask=inb).to(acc_ty)
+    t00 = _tap(x_base, i0, j0, H, W, -1, -1, inb, acc_ty, BLOCK_H, BLOCK_W)
+    t01 = _tap(x_base, i0, j0, H, W, -1, 0, inb, acc_ty, BLOCK_H, BLOCK_W)
+    t02 = _tap(x_base, i0, j0, H, W, -1, 1, inb, acc_ty, BLOCK_H, BLOCK_W)
+    t10 = _tap(x_base, i0, j0, H, W, 0, -1, inb, acc_ty, BLOCK_H, BLOCK_W)
+    t11 = _tap(x_base, i0, j0, H, W, 0, 0, inb, acc_ty, BLOCK_H, BLOCK_W)
+    t12 = _tap(x_base, i0, j0, H, W, 0, 1, inb, acc_ty, BLOCK_H, BLOCK_W)
+    t20 = _tap(x_base, i0, j0, H, W, 1, -1, inb, acc_ty, BLOCK_H, BLOCK_W)
+    t21 = _tap(x_base, i0, j0, H, W, 1, 0, inb, acc_ty, BLOCK_H, BLOCK_W)
+    t22 = _tap(x_base, i0, j0, H, W, 1, 1, inb, acc_ty, BLOCK_H, BLOCK_W)
     out_offs = rows[:, None] * W + cols[None, :]
     for f in range(NF):
         kf = k_ptr + f * 9
-        y = (tl.load(kf + 0) * t00 + tl.load(kf + 1) * t01 + tl.load(kf + 2) * t02
-             + tl.load(kf + 3) * t10 + tl.load(kf + 4) * t11 + tl.load(kf + 5) * t12
-             + tl.load(kf + 6) * t20 + tl.load(kf + 7) * t21 + tl.load(kf + 8) * t22)
+        y = (
+            tl.load(kf + 0) * t00
+            + tl.load(kf + 1) * t01
+            + tl.load(kf + 2) * t02
+            + tl.load(kf + 3) * t10
+            + tl.load(kf + 4) * t11
+            + tl.load(kf + 5) * t12
+            + tl.load(kf + 6) * t20
+            + tl.load(kf + 7) * t21
+            + tl.load(kf + 8) * t22
+        )
         o_base = out_ptr + (bc * NF + f) * plane
         tl.store(o_base + out_offs, y.to(out_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
-def perceive_bwd_kernel(g_ptr, k_ptr, dx_ptr, H, W, NF, BLOCK_H: tl.constexpr,
-                        BLOCK_W: tl.constexpr):
+def perceive_bwd_kernel(
+    g_ptr, k_ptr, dx_ptr, H, W, NF, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr
+):
     # g: (B*C*NF, H, W); dx: (B*C, H, W). dx[i, j] = sum_f sum_ae k[f,a,e] g_f[(i-a+1), (j-e+1)].
     bc = tl.program_id(0).to(tl.int64)
     i0 = tl.program_id(1) * BLOCK_H
@@ -93,8 +122,11 @@ def perceive_bwd_kernel(g_ptr, k_ptr, dx_ptr, H, W, NF, BLOCK_H: tl.constexpr,
             for e in tl.static_range(3):
                 offs = _wrapped_offsets(i0, j0, H, W, 1 - a, 1 - e, BLOCK_H, BLOCK_W)
                 acc += tl.load(kf + a * 3 + e) * tl.load(g_base + offs, mask=inb).to(acc_ty)
-    tl.store(dx_ptr + bc * plane + rows[:, None] * W + cols[None, :],
-             acc.to(dx_ptr.dtype.element_ty), mask=inb)
+    tl.store(
+        dx_ptr + bc * plane + rows[:, None] * W + cols[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=inb,
+    )
 
 
 def _blocks(H: int, W: int) -> tuple[int, int]:
@@ -108,7 +140,7 @@ def _acc_filters(filters: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def perceive_fwd(x: torch.Tensor, filters: torch.Tensor, out: torch.Tensor | None = None):
-    """x: (B, C, H, W), filters: (F, 3, 3) -> (B, C*F, H, W) in x.dtype. Shapes checked by caller."""
+    """x: (B, C, H, W), filters: (F, 3, 3) -> (B, C*F, H, W) in x.dtype."""
     x = x.contiguous()
     B, C, H, W = x.shape
     NF = filters.shape[0]
@@ -119,7 +151,16 @@ def perceive_fwd(x: torch.Tensor, filters: torch.Tensor, out: torch.Tensor | Non
     BH, BW = _blocks(H, W)
     grid = (B * C, triton.cdiv(H, BH), triton.cdiv(W, BW))
     launch(
-        perceive_fwd_kernel, grid, x, _acc_filters(filters, x.dtype), out, H, W, NF, BLOCK_H=BH, BLOCK_W=BW
+        perceive_fwd_kernel,
+        grid,
+        x,
+        _acc_filters(filters, x.dtype),
+        out,
+        H,
+        W,
+        NF,
+        BLOCK_H=BH,
+        BLOCK_W=BW,
     )
     return out
 
@@ -137,6 +178,15 @@ def perceive_bwd(grad_out: torch.Tensor, filters: torch.Tensor, out: torch.Tenso
     BH, BW = _blocks(H, W)
     grid = (B * C, triton.cdiv(H, BH), triton.cdiv(W, BW))
     launch(
-        perceive_bwd_kernel, grid, g, _acc_filters(filters, g.dtype), out, H, W, NF, BLOCK_H=BH, BLOCK_W=BW
+        perceive_bwd_kernel,
+        grid,
+        g,
+        _acc_filters(filters, g.dtype),
+        out,
+        H,
+        W,
+        NF,
+        BLOCK_H=BH,
+        BLOCK_W=BW,
     )
     return out

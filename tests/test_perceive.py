@@ -3,10 +3,10 @@
 import pytest
 import torch
 from conftest import TOL, nan_like
+from fastnca.kernels.perception import perceive_bwd, perceive_fwd
 from torch.library import opcheck
 
 from fastnca import DEFAULT_FILTERS, DISTILL_FILTERS, Perception, perceive
-from fastnca.kernels.perception import perceive_bwd, perceive_fwd
 from fastnca.reference import perceive_backward_ref, perceive_ref
 
 # Odd, non-square shapes; several programs per axis (tiles are 16 x 64) with ragged edges; tiny
@@ -80,12 +80,17 @@ def test_registered_op_autograd_and_opcheck():
     g = torch.randn_like(y)
     y.backward(g)
     torch.testing.assert_close(y, perceive_ref(x.detach()), **TOL[torch.float32])
-    torch.testing.assert_close(x.grad, perceive_backward_ref(g, DEFAULT_FILTERS), **TOL[torch.float32])
+    torch.testing.assert_close(
+        x.grad, perceive_backward_ref(g, DEFAULT_FILTERS), **TOL[torch.float32]
+    )
     # test_aot_dispatch_* need wrap_triton to trace the kernel, which the interpreter cannot do;
     # they run on CUDA in benchmarks/gpu_check.
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    opcheck(torch.ops.fastnca.perceive.default, (x.detach().requires_grad_(), DEFAULT_FILTERS),
-            test_utils=utils)
+    opcheck(
+        torch.ops.fastnca.perceive.default,
+        (x.detach().requires_grad_(), DEFAULT_FILTERS),
+        test_utils=utils,
+    )
     opcheck(torch.ops.fastnca.perceive_backward.default, (g, DEFAULT_FILTERS), test_utils=utils)
 
 
@@ -100,8 +105,9 @@ def test_cpu_path_half_dtypes(dtype):
     x = torch.randn(2, 3, 7, 5).to(dtype)
     out = perceive(x, DISTILL_FILTERS)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.double(), perceive_ref(x.double(), DISTILL_FILTERS.double()),
-                               **TOL[dtype])
+    torch.testing.assert_close(
+        out.double(), perceive_ref(x.double(), DISTILL_FILTERS.double()), **TOL[dtype]
+    )
 
 
 def test_cpu_path_gradcheck_and_noncontiguous():
@@ -151,9 +157,19 @@ def test_perception_module():
     "x, filters, err, match",
     [
         (torch.zeros(3, 4, 4), None, ValueError, r"x must be 4-D, got shape \(3, 4, 4\)"),
-        (torch.zeros(1, 1, 4, 4, dtype=torch.int64), None, TypeError, "x must be a floating.*int64"),
+        (
+            torch.zeros(1, 1, 4, 4, dtype=torch.int64),
+            None,
+            TypeError,
+            "x must be a floating.*int64",
+        ),
         (torch.zeros(1, 1, 4, 4, dtype=torch.complex64), None, TypeError, "complex64"),
-        (torch.zeros(1, 1, 4, 4), torch.zeros(4, 3, 2), ValueError, r"filters.*\(F, 3, 3\).*\(4, 3, 2\)"),
+        (
+            torch.zeros(1, 1, 4, 4),
+            torch.zeros(4, 3, 2),
+            ValueError,
+            r"filters.*\(F, 3, 3\).*\(4, 3, 2\)",
+        ),
         (torch.zeros(1, 1, 4, 4), torch.zeros(9), ValueError, "filters"),
         (torch.zeros(1, 1, 4, 4), torch.zeros(2, 3, 3, dtype=torch.int32), TypeError, "filters"),
         (torch.zeros(1, 1, 0, 4), None, ValueError, "H, W >= 1"),

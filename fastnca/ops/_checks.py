@@ -1,4 +1,4 @@
-"""Input validation shared by the public ops: errors name the argument, what came, what was expected."""
+"""Input validation for the public ops: errors name the argument, what came, what is wanted."""
 
 from __future__ import annotations
 
@@ -29,5 +29,7 @@ def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tens
 def check_filters(filters: torch.Tensor, x: torch.Tensor) -> None:
     check_tensor("filters", filters)
     if filters.dim() != 3 or tuple(filters.shape[1:]) != (3, 3) or filters.shape[0] < 1:
-        raise ValueError(f"filters must have shape (F, 3, 3) with F >= 1, got {tuple(filters.shape)}")
+        raise ValueError(
+            f"filters must have shape (F, 3, 3) with F >= 1, got {tuple(filters.shape)}"
+        )
     check_same_device("filters", filters, "x", x)
