@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
-from fastnca.bench import BenchError, Row, device_kind
+from fastnca.bench import BenchError, Row, device_kind, is_gated
 
 
 def _fmt_time(s: float) -> str:
@@ -130,7 +131,7 @@ def plot_ratios(rows: list[Row], path: str | Path, title: str = "") -> Path:
         colors = [
             "0.6"
             if r.variant == r.baseline
-            else ("tab:blue" if r.variant.startswith("lesson") else "tab:orange")
+            else ("tab:orange" if is_gated(r.variant, r.baseline) else "tab:blue")
             for r in rs
         ]
         ax.barh(range(len(rs)), ratios, color=colors)
@@ -143,11 +144,15 @@ def plot_ratios(rows: list[Row], path: str | Path, title: str = "") -> Path:
         ax.set_title(group, fontsize=9, loc="left")
         ax.tick_params(axis="x", labelsize=7)
     axes[-1, 0].set_xlabel(
-        "speed-up over the group's baseline (median, same run; higher is faster)"
+        "speed-up over the group's baseline (same run; higher is faster)\n"
+        "grey: baseline, blue: reference code (lesson, torch), orange: fastnca paths",
+        fontsize=8,
     )
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        title = textwrap.fill(title, 110)
+        fig.suptitle(title, fontsize=8)
+    top = 1 - (0.25 + 0.15 * title.count("\n")) / (sum(heights) + 0.6) if title else 1
+    fig.tight_layout(rect=(0, 0, 1, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
