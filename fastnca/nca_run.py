@@ -53,7 +53,7 @@ def resolve_style(style, size: int, texture: str | None = None) -> tuple[torch.T
         if img.dim() != 4 or img.shape[:2] != (1, 3):
             raise ValueError(f"style: expected a (1, 3, H, W) image tensor, got {tuple(img.shape)}")
     elif style is None or (not Path(str(style)).exists() and str(style) in list_textures()):
-        name = texture or (DEFAULT_TEXTURE if style is None else str(style))
+        name = str(style) if style is not None else (texture or DEFAULT_TEXTURE)
         if name not in list_textures():
             raise ValueError(f"texture: unknown built-in texture {name!r}; expected one of "
                              f"{', '.join(list_textures())}")

@@ -282,3 +282,18 @@ def test_bf16_autocast_training_runs(tmp_path):
     res = train_texture(None, tmp_path / "bf", "quick", progress=False, gif_frames=1,
                         gif_steps_per_frame=1, amp="bf16", **dict(TINY, iters=2))
     assert len(res.losses) == 2 and all(torch.isfinite(torch.tensor(res.losses)))
+
+
+def test_resolve_style_file_builtin_name_and_default(tmp_path):
+    from fastnca.images import save_image
+    from fastnca.nca_run import resolve_style
+
+    img, what = resolve_style("dots", 16, texture="stripes")  # a name given wins over texture
+    assert what == "built-in texture 'dots'" and img.shape == (1, 3, 16, 16)
+    assert resolve_style(None, 16, "stripes")[1] == "built-in texture 'stripes'"
+    save_image(torch.rand(3, 40, 30), tmp_path / "s.png")
+    img, what = resolve_style(tmp_path / "s.png", 20)
+    assert img.shape == (1, 3, 20, 15) and "s.png" in what  # shrunk to the grid size
+    assert torch.equal(img, (img * 255).round() / 255)  # 8-bit levels, as style.png stores
+    with pytest.raises(ValueError, match="built-in textures: "):
+        resolve_style(tmp_path / "nope.png", 16)
