@@ -27,6 +27,7 @@ Memory, in extra_info for every row (one extra untimed iteration):
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -44,7 +45,9 @@ pytestmark = pytest.mark.train
 
 LAYERS = (1, 6, 11, 18, 25)
 VARIANTS = ["lesson eager", "fastnca eager", "fastnca compiled", "fastnca compiled + bf16"]
-WORKLOADS = [pytest.param((64, 16), marks=pytest.mark.quick, id="64x64-16steps"),
+# fastnca bench --quick (FASTNCA_BENCH_QUICK=1) runs the small workload at 32x32, 8 steps.
+_S, _N = (32, 8) if os.environ.get("FASTNCA_BENCH_QUICK") == "1" else (64, 16)
+WORKLOADS = [pytest.param((_S, _N), marks=pytest.mark.quick, id=f"{_S}x{_S}-{_N}steps"),
              pytest.param((128, 64), id="128x128-64steps")]
 
 
