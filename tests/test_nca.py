@@ -144,3 +144,16 @@ def test_saved_bytes_64_step_texture_rollout(dtype):
         lesson.load_state_dict({k: v for k, v in m.state_dict().items() if k != "filters"})
         _, ref = saved_tensor_bytes(lambda x: [x := lesson(x) for _ in range(steps)][-1], x)
         assert ref["saved"] >= 10 * info["saved"] and ref["saved"] / cells > 300
+
+
+def test_rollout_under_cpu_autocast_bf16_matches_float32():
+    # MixedPrecision(bf16) wraps predict in autocast; the step must still run (in float32).
+    model = NCA(4, 8, zero_init=False)
+    x = torch.randn(2, 4, 8, 8)
+    torch.manual_seed(1)
+    want = model(x, steps=2)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = model(x, steps=2)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)

@@ -343,8 +343,11 @@ def nca_step(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     if mask is None:
         mask = update_mask(x, fire_rate)
     args = (x, w1, b1, w2, b2, mask.detach(), filters.detach())
-    if x.is_cuda:
-        return torch.ops.fastnca.nca_step(*args)
-    if x.device.type == "cpu":
-        return torch.ops.fastnca.nca_step_cpu(*args)
-    return _dense_checkpointed(*args)
+    # The step computes in float32 whatever autocast says (the state is a residual sum over many
+    # steps); autocast would otherwise recast the CPU op's inner matmuls and break its buffers.
+    with torch.autocast(x.device.type, enabled=False):
+        if x.is_cuda:
+            return torch.ops.fastnca.nca_step(*args)
+        if x.device.type == "cpu":
+            return torch.ops.fastnca.nca_step_cpu(*args)
+        return _dense_checkpointed(*args)
