@@ -159,11 +159,6 @@ STRATEGIES = {
     "CompileCB + bf16": lambda: [CompileCB(), MixedPrecision(torch.bfloat16)],
 }
 CUDA_ONLY = {"MixedPrecision(fp16)"}  # fp16 autocast + GradScaler: no fp16 training on CPU
-# (workload, variant, device type) -> why the row cannot run yet (shown by pytest -rs).
-KNOWN_BROKEN = {
-    ("nca", "AccelerateCB(bf16)", "cpu"): "Accelerate's autocast wraps the NCA's forward, and "
-    "fastnca's CPU nca_step op then fails (scatter_add_ of a bf16 update into the float32 state)",
-}
 SLOW = {"lesson eager": 1, "MultDL(2)": 2, "MultDL(4)": 4}
 
 
@@ -207,8 +202,6 @@ def _run(benchmark, wl: Workload, group: str, variant: str, cbs: list, mult: int
 def test_strategy(benchmark, workload, variant):
     if variant in CUDA_ONLY and device().type != "cuda":
         pytest.skip(f"{variant}: CUDA only")
-    if (workload, variant, device().type) in KNOWN_BROKEN:
-        pytest.skip(f"{workload} {variant}: {KNOWN_BROKEN[workload, variant, device().type]}")
     wl = WORKLOADS[workload](device())
     _run(benchmark, wl, f"train {wl.name} {device().type}", variant, STRATEGIES[variant](),
          mult=1, slow_ms=0.0)
@@ -236,8 +229,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     wl = WORKLOADS[args.workload](device())
     dev = device().type
-    runnable = [v for v in STRATEGIES if (v not in CUDA_ONLY or dev == "cuda")
-                and (args.workload, v, dev) not in KNOWN_BROKEN]
+    runnable = [v for v in STRATEGIES if v not in CUDA_ONLY or dev == "cuda"]
     rows = [(f"{v}", STRATEGIES[v](), 1, 0.0) for v in runnable]
     if args.workload in WITH_LOADER:
         rows += [(f"slow loader: {v}", [], m, wl.slow_ms) for v, m in SLOW.items()]
