@@ -11,7 +11,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the tests' tensors are small, and on a busy 2-core machine two threads made
+# them up to 20x slower (each test file used to pin this itself).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -31,15 +31,6 @@ from fastnca.data import MultDL
 from fastnca.learner import Callback, CancelBatchException, CancelFitException, DataLoaders, Learner
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _dls(n=64, bs=16):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 4, generator=g)

@@ -17,15 +17,6 @@ from fastnca.nca import NCA
 from fastnca.reference import DEFAULT_FILTERS, DISTILL_FILTERS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these small workloads run far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(**kw):
     torch.manual_seed(1)
     m = NCA(**dict(dict(channels=5, hidden=7, fire_rate=0.3, filters=DISTILL_FILTERS), **kw))

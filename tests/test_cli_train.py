@@ -12,16 +12,6 @@ from fastnca.checkpoint import load_checkpoint, save_checkpoint
 from fastnca.cli import main
 from fastnca.nca import NCA
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these small workloads run far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = ["--size", "16", "--channels", "4", "--hidden", "8", "--pool", "4", "--batch", "2",
         "--min-steps", "2", "--max-steps", "4", "--weights", "random", "--no-progress",
         "--gif-frames", "2"]

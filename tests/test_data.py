@@ -20,15 +20,6 @@ from fastnca.data import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("mult", [1, 2, 3])
 def test_multdl_yields_each_batch_mult_times_in_order(mult):
     dl = DataLoader(TensorDataset(torch.arange(10.0)), batch_size=3)  # batches of 3, 3, 3, 1

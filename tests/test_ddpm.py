@@ -14,15 +14,6 @@ from fastnca.ddpm import FashionMNIST, SyntheticShapes, UNet, ddpm_sample, times
 from fastnca.learner import DataLoaders, Learner
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_unet_shapes_call_forms_and_gradients():
     m = UNet(in_channels=3, nfs=(8, 16, 16))
     x, t = torch.randn(2, 3, 12, 20), torch.tensor([0, 999])

@@ -21,15 +21,6 @@ from fastnca.learner import (
     run_cbs,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 EVENTS = [f"{w}_{s}" for s in ("fit", "epoch", "batch") for w in ("before", "after", "cleanup")] + [
     "after_predict", "after_loss", "after_backward", "after_step"]
 STEPS = ["predict", "get_loss", "backward", "step", "zero_grad"]

@@ -17,16 +17,6 @@ from fastnca.nca_train import (
     training_rgb,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these small workloads run far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # Tiny runs: 16x16 grids, few steps, random (offline) features at two layers.
 TINY = dict(size=16, channels=4, hidden=12, pool=6, batch=2, min_steps=3, max_steps=6,
             weights="random", layers=(1, 6), seed_every=2, save_every=0)

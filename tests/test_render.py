@@ -19,15 +19,6 @@ from fastnca.render import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these small workloads run far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model():
     torch.manual_seed(3)
     m = NCA(channels=4, hidden=8)
