@@ -19,7 +19,7 @@ import pytest
 import torch
 from fastnca.kernels.gram import gram_bwd, gram_fwd, style_fwd
 from fastnca.kernels.nca_step import nca_step_bwd, nca_step_fwd
-from fastnca.kernels.perception import perceive_bwd, perceive_fwd
+from fastnca.kernels.perceive import perceive_bwd, perceive_fwd
 from torch.library import opcheck
 
 from fastnca import DEFAULT_FILTERS, DISTILL_FILTERS, Perception, StyleLoss, gram

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import TOL, nan_like
-from fastnca.kernels.perception import perceive_bwd, perceive_fwd
+from fastnca.kernels.perceive import perceive_bwd, perceive_fwd
 from torch.library import opcheck
 
 from fastnca import DEFAULT_FILTERS, DISTILL_FILTERS, Perception, perceive

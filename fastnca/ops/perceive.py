@@ -1,6 +1,6 @@
 """perceive: the circular 3x3 per-channel NCA perception, as a drop-in differentiable op.
 
-CUDA tensors run the Triton kernels of ``fastnca.kernels.perception`` through the registered op
+CUDA tensors run the Triton kernels of ``fastnca.kernels.perceive`` through the registered op
 ``torch.ops.fastnca.perceive`` (forward) / ``fastnca::perceive_backward`` (its adjoint), which
 ``torch.compile`` traces as user-defined Triton kernels. Other devices run a depthwise-convolution
 composite (one grouped conv2d on a circularly padded copy), the fastest eager CPU form we measured
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.library import triton_op
 
-from fastnca.kernels.perception import perceive_bwd, perceive_fwd
+from fastnca.kernels.perceive import perceive_bwd, perceive_fwd
 from fastnca.ops._checks import check_filters, check_tensor
 from fastnca.reference import DEFAULT_FILTERS, circular_pad1
 
