@@ -7,6 +7,8 @@ each into one or two loops.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -34,18 +36,65 @@ def circular_pad1(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[..., -1:], x, x[..., :1]], dim=-1)
 
 
-def perceive_ref(x: torch.Tensor, filters: torch.Tensor | None = None) -> torch.Tensor:
-    """The lesson's perception: every channel convolved with every filter, circular padding 1.
+def pad1(x: torch.Tensor, padding: str = "circular", value: float = 0.0) -> torch.Tensor:
+    """One cell of padding on the last two dims: ``"circular"`` (wrap) or ``"zeros"`` (``value``).
 
-    x: (B, C, H, W), filters: (F, 3, 3) -> (B, C*F, H, W) with out[:, c*F + f] = filter f on channel c.
-    Same as ``conv2d(circular_pad(x.reshape(B*C, 1, H, W)), filters[:, None]).reshape(B, C*F, H, W)``.
+    x: (..., H, W) -> (..., H + 2, W + 2).
+    """
+    if padding == "circular":
+        return circular_pad1(x)
+    if padding == "zeros":
+        return F.pad(x, (1, 1, 1, 1), value=value)
+    raise ValueError(f'padding must be "circular" or "zeros", got {padding!r}')
+
+
+def perceive_ref(
+    x: torch.Tensor, filters: torch.Tensor | None = None, padding: str = "circular"
+) -> torch.Tensor:
+    """The lesson's perception: every channel convolved with every filter, padding 1.
+
+    x: (B, C, H, W), filters: (F, 3, 3) -> (B, C*F, H, W), out[:, c*F + f] = filter f on channel c.
+    Same as ``conv2d(circular_pad(x.reshape(B*C, 1, H, W)), filters[:, None])`` reshaped to
+    (B, C*F, H, W). ``padding="zeros"`` reads cells outside the grid as 0 (the growing NCA).
     """
     if filters is None:
         filters = DEFAULT_FILTERS
     filters = filters.to(device=x.device, dtype=x.dtype)
     B, C, H, W = x.shape
-    y = F.conv2d(circular_pad1(x.reshape(B * C, 1, H, W)), filters[:, None])
+    y = F.conv2d(pad1(x.reshape(B * C, 1, H, W), padding), filters[:, None])
     return y.reshape(B, C * filters.shape[0], H, W)
+
+
+def rotate_filters(filters: torch.Tensor, angle: float) -> torch.Tensor:
+    """The bank with its two gradient filters (1 and 2) rotated by ``angle`` radians.
+
+    filters: (F >= 3, 3, 3) -> [k0, cos a k1 - sin a k2, sin a k1 + cos a k2, k3, ...]: with
+    k1, k2 = sobel_x, sobel_y the perceived gradient turns by ``angle`` (the growing NCA's
+    ``perceive(x, angle)``). ``angle == 0`` returns ``filters`` itself.
+    """
+    if angle == 0:
+        return filters
+    if filters.shape[0] < 3:
+        raise ValueError(
+            f"perception_angle needs a bank of F >= 3 filters (identity, two "
+            f"gradients, ...), got {tuple(filters.shape)}"
+        )
+    c, s = math.cos(angle), math.sin(angle)
+    k1, k2 = filters[1], filters[2]
+    return torch.cat([filters[:1], (c * k1 - s * k2)[None], (s * k1 + c * k2)[None], filters[3:]])
+
+
+def alive_mask_ref(
+    x: torch.Tensor, threshold: float, channel: int = 3, padding: str = "circular"
+) -> torch.Tensor:
+    """Living cells: ``maxpool3x3(x[:, channel]) > threshold`` as a (B, 1, H, W) bool mask.
+
+    The 3x3 neighbourhood wraps for ``padding="circular"``; for ``"zeros"`` cells outside the grid
+    are ignored (padded with -inf: the padding never wins the max, like TF's 'SAME' max-pool).
+    """
+    a = x[:, channel : channel + 1]
+    a = pad1(a, padding, value=-math.inf)
+    return F.max_pool2d(a, 3, stride=1) > threshold
 
 
 def perceive_shifts(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
@@ -67,7 +116,7 @@ def perceive_shifts(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
 
 
 def perceive_backward_ref(grad_out: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
-    """Adjoint of perceive: dx[c, i, j] = sum_f sum_ab k_f[a, b] * g[c*F+f, i-a+1, j-b+1] (circular).
+    """Adjoint of perceive: dx[c, i, j] = sum_f sum_ab k_f[a, b] g[c*F+f, i-a+1, j-b+1] (circular).
 
     grad_out: (B, C*F, H, W), filters: (F, 3, 3) -> (B, C, H, W).
     """
@@ -80,7 +129,8 @@ def perceive_backward_ref(grad_out: torch.Tensor, filters: torch.Tensor) -> torc
     for a in range(3):
         for b in range(3):
             # g[i - (a-1)] sits at padded row i + 2 - a.
-            tap = (gp[:, :, :, 2 - a : 2 - a + H, 2 - b : 2 - b + W] * k[:, a, b, None, None]).sum(2)
+            tap = gp[:, :, :, 2 - a : 2 - a + H, 2 - b : 2 - b + W] * k[:, a, b, None, None]
+            tap = tap.sum(2)
             out = tap if out is None else out + tap
     return out.to(grad_out.dtype)
 
@@ -116,14 +166,59 @@ def style_loss_ref(feats, targets, weights=None) -> torch.Tensor:
     return total
 
 
-def nca_step_ref(x, w1, b1, w2, b2, mask, filters=None) -> torch.Tensor:
-    """The lesson's NCA update: perception, two 1x1 convolutions (per-cell matmuls), mask, residual.
+CLIP_KEYS = ("perception", "hidden", "update", "state")
+
+
+def clamp_opt(t: torch.Tensor, clip: dict | None, key: str) -> torch.Tensor:
+    """``t`` clamped to ``clip[key] = (lo, hi)`` when the step clips there (None bounds: open)."""
+    if not clip or clip.get(key) is None:
+        return t
+    lo, hi = clip[key]
+    return t.clamp(lo, hi)
+
+
+def nca_step_ref(
+    x,
+    w1,
+    b1,
+    w2,
+    b2,
+    mask,
+    filters=None,
+    *,
+    padding="circular",
+    alive_threshold=None,
+    alive_channel=3,
+    clip=None,
+    perception_angle=0.0,
+) -> torch.Tensor:
+    """The lesson's NCA update: perception, two 1x1 convolutions (per-cell matmuls), mask, residual,
+    with the options of the Distill models.
 
     x: (B, C, H, W); w1: (hidden, F*C); b1: (hidden,) or None; w2: (C, hidden); b2: (C,) or None;
     mask: (B, 1, H, W) of 0/1 (bool or float); filters: (F, 3, 3) (default DEFAULT_FILTERS).
-    p = perceive_ref(x) (B, F*C, H, W); h = relu(w1 . p + b1); y = w2 . h (+ b2); x + y * mask.
+    Defaults (the lesson): p = perceive_ref(x) (B, F*C, H, W); h = relu(w1 . p + b1);
+    y = w2 . h (+ b2); x + y * mask.
+
+    Options:
+        padding: "circular" (default) or "zeros", for the perception and the alive max-pool.
+        perception_angle: radians; the bank is ``rotate_filters(filters, angle)``.
+        clip: None or a dict with any of ``CLIP_KEYS`` mapping to (lo, hi):
+            p = clip(p, "perception"); h = clip(relu(.), "hidden"); y = clip(y, "update");
+            new = clip(x + y * mask, "state").
+        alive_threshold: None or a float: with ``pre = alive_mask_ref(x)``,
+            ``post = alive_mask_ref(new)`` (channel ``alive_channel``), the result is
+            ``new * (pre & post)`` (the growing NCA's living mask).
     """
-    p = perceive_ref(x, filters)
-    h = torch.relu(F.conv2d(p, w1[:, :, None, None], b1))
-    y = F.conv2d(h, w2[:, :, None, None], b2)
-    return x + y * mask.to(x.dtype)
+    if filters is None:
+        filters = DEFAULT_FILTERS
+    filters = rotate_filters(filters.to(device=x.device, dtype=x.dtype), perception_angle)
+    p = clamp_opt(perceive_ref(x, filters, padding), clip, "perception")
+    h = clamp_opt(torch.relu(F.conv2d(p, w1[:, :, None, None], b1)), clip, "hidden")
+    y = clamp_opt(F.conv2d(h, w2[:, :, None, None], b2), clip, "update")
+    new = clamp_opt(x + y * mask.to(x.dtype), clip, "state")
+    if alive_threshold is None:
+        return new
+    pre = alive_mask_ref(x, alive_threshold, alive_channel, padding)
+    post = alive_mask_ref(new, alive_threshold, alive_channel, padding)
+    return new * (pre & post).to(x.dtype)

@@ -1,0 +1,169 @@
+"""NCA step options (padding, alive masking, clipping, any filter bank, rotated perception):
+nca_step_ref against independent formulas, its gradients (float64 gradcheck), and the public
+nca_step (the CPU custom op) against nca_step_ref, forward, gradients and saved bytes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOL
+
+from fastnca import DISTILL_FILTERS
+from fastnca.reference import alive_mask_ref, nca_step_ref, perceive_ref, rotate_filters
+
+TEXTURE_CLIP = {"perception": (-2.0, 2.0), "hidden": (0.0, 2.0), "update": (-2.0, 2.0),
+                "state": (-2.0, 2.0)}
+
+
+def make(B=2, C=5, H=6, W=7, hidden=9, nf=3, dtype=torch.float64, seed=0, alpha=True):
+    """Random step arguments. With ``alpha``, channel 3 holds values far from the alive threshold
+    0.1 (|a - 0.1| >= 0.05), so finite differences never flip the alive mask; columns 0-2 are
+    dead."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype)
+    x = r(B, C, H, W)
+    if alpha:
+        a = torch.rand(B, H, W, generator=g, dtype=torch.float64)
+        x[:, 3] = torch.where(a < 0.6, -a, 0.15 + a).to(dtype)  # ~60% dead cells
+        x[:, 3, :, :3] = -a[:, :, :3].to(dtype)  # and a dead band, so some cells die
+    k = DISTILL_FILTERS[:nf] if nf <= 4 else torch.randn(nf, 3, 3, generator=g)
+    return dict(x=x, w1=r(hidden, nf * C, scale=0.5), b1=r(hidden, scale=0.3),
+                w2=r(C, hidden, scale=0.5), b2=r(C, scale=0.3),
+                mask=torch.rand(B, 1, H, W, generator=g) < 0.6, filters=k.to(dtype))
+
+
+# ------------------------------------------------------------------------- nca_step_ref semantics
+
+
+def test_defaults_are_the_lesson_step():
+    a = make(alpha=False)
+    p = perceive_ref(a["x"], a["filters"])
+    h = torch.relu(torch.einsum("kj,bjhw->bkhw", a["w1"], p) + a["b1"][:, None, None])
+    y = torch.einsum("ck,bkhw->bchw", a["w2"], h) + a["b2"][:, None, None]
+    want = a["x"] + y * a["mask"]
+    torch.testing.assert_close(nca_step_ref(**a), want, **TOL[torch.float64])
+
+
+def test_zero_padding_is_conv2d_padding_1():
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    k = torch.randn(3, 3, 3, dtype=torch.float64)
+    want = F.conv2d(x.reshape(6, 1, 5, 4), k[:, None], padding=1).reshape(2, 9, 5, 4)
+    torch.testing.assert_close(perceive_ref(x, k, padding="zeros"), want)
+    with pytest.raises(ValueError, match="padding"):
+        perceive_ref(x, k, padding="reflect")
+
+
+def _alive_loop(x, thr, ch, wrap):
+    # Independent max over the 3x3 neighbourhood, cell by cell.
+    B, _, H, W = x.shape
+    out = torch.zeros(B, 1, H, W, dtype=torch.bool)
+    for b in range(B):
+        for i in range(H):
+            for j in range(W):
+                vals = []
+                for di in (-1, 0, 1):
+                    for dj in (-1, 0, 1):
+                        u, v = i + di, j + dj
+                        if wrap:
+                            vals.append(x[b, ch, u % H, v % W])
+                        elif 0 <= u < H and 0 <= v < W:
+                            vals.append(x[b, ch, u, v])
+                out[b, 0, i, j] = max(vals) > thr
+    return out
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_alive_mask_padding_never_wins(padding):
+    x = torch.full((1, 4, 4, 5), -1.0, dtype=torch.float64)  # all dead, negative alpha
+    x[0, 3, 0, 0] = 0.5  # one living corner cell
+    got = alive_mask_ref(x, 0.1, 3, padding)
+    assert torch.equal(got, _alive_loop(x, 0.1, 3, padding == "circular"))
+    assert got.sum() == (4 if padding == "zeros" else 9)
+    x = torch.randn(2, 5, 5, 6, dtype=torch.float64)
+    assert torch.equal(alive_mask_ref(x, 0.1, 2, padding),
+                       _alive_loop(x, 0.1, 2, padding == "circular"))
+    # Zero padding is never "alive" even with a negative threshold: the border has no ghosts.
+    x = torch.full((1, 4, 3, 3), -5.0, dtype=torch.float64)
+    assert not alive_mask_ref(x, -1.0, 3, "zeros").any()
+
+
+def test_alive_masking_kills_isolated_and_keeps_neighbours():
+    a = make(B=1, C=4, H=7, W=7, hidden=6, alpha=False)
+    a["x"].zero_()
+    a["x"][0, 3:, 3, 3] = 1.0  # the authors' seed: one living cell
+    out = nca_step_ref(**a, padding="zeros", alive_threshold=0.1)
+    pre = alive_mask_ref(a["x"], 0.1)
+    new = nca_step_ref(**a, padding="zeros")
+    post = alive_mask_ref(new, 0.1)
+    torch.testing.assert_close(out, new * (pre & post))
+    assert (out[:, :, ~(pre & post)[0, 0]] == 0).all()  # dead cells are exactly 0
+    assert pre.sum() == 9
+
+
+def test_rotation():
+    k = DISTILL_FILTERS.double()
+    r = rotate_filters(k, math.pi / 2)
+    torch.testing.assert_close(r, torch.stack([k[0], -k[2], k[1], k[3]]))
+    assert rotate_filters(k, 0.0) is k
+    # The perceived gradient (gx, gy) turns by the angle: (c gx - s gy, s gx + c gy).
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    p = perceive_ref(x, k).reshape(2, 3, 4, 6, 5)
+    pr = perceive_ref(x, rotate_filters(k, 0.7)).reshape(2, 3, 4, 6, 5)
+    c, s = math.cos(0.7), math.sin(0.7)
+    torch.testing.assert_close(pr[:, :, 1], c * p[:, :, 1] - s * p[:, :, 2])
+    torch.testing.assert_close(pr[:, :, 2], s * p[:, :, 1] + c * p[:, :, 2])
+    torch.testing.assert_close(pr[:, :, [0, 3]], p[:, :, [0, 3]])
+    with pytest.raises(ValueError, match="F >= 3"):
+        rotate_filters(k[:2], 0.3)
+
+
+def test_clip_ranges():
+    a = make(alpha=False)
+    huge = {k: (-1e9, 1e9) for k in TEXTURE_CLIP}
+    torch.testing.assert_close(nca_step_ref(**a, clip=huge), nca_step_ref(**a))
+    # hidden clipped to [0, 0]: the update is the bias alone.
+    out = nca_step_ref(**a, clip={"hidden": (0.0, 0.0)})
+    torch.testing.assert_close(out, a["x"] + a["b2"][:, None, None] * a["mask"])
+    out = nca_step_ref(**a, clip={"update": (-0.01, 0.02), "state": (-1.5, 1.0)})
+    assert out.max() <= 1.0 and out.min() >= -1.5
+    d = (out - a["x"].clamp(-1.5, 1.0))[a["mask"].expand_as(out) & (a["x"].abs() < 0.9)]
+    assert d.max() <= 0.02 + 1e-12 and d.min() >= -0.01 - 1e-12
+
+
+@pytest.mark.parametrize("nf", [1, 3, 6])
+def test_any_filter_bank(nf):
+    a = make(nf=nf, alpha=False)
+    out = nca_step_ref(**a)
+    p = F.conv2d(F.pad(a["x"].reshape(-1, 1, 6, 7), (1, 1, 1, 1), mode="circular"),
+                 a["filters"][:, None]).reshape(2, 5 * nf, 6, 7)
+    h = torch.relu(torch.einsum("kj,bjhw->bkhw", a["w1"], p) + a["b1"][:, None, None])
+    y = torch.einsum("ck,bkhw->bchw", a["w2"], h) + a["b2"][:, None, None]
+    torch.testing.assert_close(out, a["x"] + y * a["mask"])
+
+
+OPTION_SETS = {
+    "growing": dict(padding="zeros", alive_threshold=0.1, perception_angle=0.4),
+    "texture": dict(clip=TEXTURE_CLIP),
+    "all": dict(padding="zeros", alive_threshold=0.1, clip={"perception": (-1.0, 1.0),
+                "hidden": (0.0, 1.5), "update": (-0.3, 0.3), "state": (-1.0, 2.0)},
+                perception_angle=-1.1),
+    "circular-alive": dict(alive_threshold=0.1, alive_channel=3, clip={"update": (-0.5, 0.5)}),
+}
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_reference_gradcheck(opts):
+    a = make(B=1, C=4, H=4, W=7, hidden=6)
+    leaves = {k: a[k].clone().requires_grad_() for k in ("x", "w1", "b1", "w2", "b2")}
+    out = nca_step_ref(**a, **opts)
+    if opts.get("alive_threshold") is not None:  # masking kills some cells, keeps others
+        dead = (out == 0).all(1)
+        assert dead.any() and not dead.all()
+    if opts.get("clip"):  # the update clip bites somewhere (the others are checked above)
+        y = nca_step_ref(**{**a, "mask": torch.ones_like(a["mask"])}) - a["x"]
+        lo, hi = opts["clip"]["update"]
+        assert ((y < lo) | (y > hi)).any() and ((y > lo) & (y < hi)).any()
+    fn = lambda x, w1, b1, w2, b2: nca_step_ref(x, w1, b1, w2, b2, a["mask"], a["filters"],
+                                                **opts)
+    assert torch.autograd.gradcheck(fn, tuple(leaves.values()), eps=1e-7, atol=1e-6)
