@@ -97,15 +97,18 @@ def alive_mask_ref(
     return F.max_pool2d(a, 3, stride=1) > threshold
 
 
-def perceive_shifts(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+def perceive_shifts(
+    x: torch.Tensor, filters: torch.Tensor, padding: str = "circular"
+) -> torch.Tensor:
     """perceive_ref as a sum of 9 shifted copies: the form inductor fuses into one stencil loop.
 
     out[b, c*F + f, i, j] = sum_{a,b'} filters[f, a, b'] * x[b, c, (i+a-1) % H, (j+b'-1) % W].
-    Accumulates in float32 (or float64 for float64 input) and returns x's dtype.
+    ``padding="zeros"`` reads 0 outside the grid. Accumulates in float32 (or float64 for float64
+    input) and returns x's dtype.
     """
     B, C, H, W = x.shape
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xp = circular_pad1(x.to(acc_dtype))  # (B, C, H+2, W+2)
+    xp = pad1(x.to(acc_dtype), padding)  # (B, C, H+2, W+2)
     k = filters.to(device=x.device, dtype=acc_dtype)  # (F, 3, 3)
     out = None
     for a in range(3):

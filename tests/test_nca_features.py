@@ -167,3 +167,117 @@ def test_reference_gradcheck(opts):
     fn = lambda x, w1, b1, w2, b2: nca_step_ref(x, w1, b1, w2, b2, a["mask"], a["filters"],
                                                 **opts)
     assert torch.autograd.gradcheck(fn, tuple(leaves.values()), eps=1e-7, atol=1e-6)
+
+
+# ------------------------------------------------------- public nca_step (CPU op) vs reference
+
+
+def _leaves(a, dtype):
+    return {k: None if a[k] is None else a[k].to(dtype).clone().requires_grad_()
+            for k in ("x", "w1", "b1", "w2", "b2")}
+
+
+def _ref_out_grads(a, g, opts):
+    lv = _leaves(a, torch.float64)
+    out = nca_step_ref(**lv, mask=a["mask"].double() if a["mask"].is_floating_point()
+                       else a["mask"], filters=a["filters"].double(), **opts)
+    out.backward(g.double())
+    return out.detach(), [None if t is None else t.grad for t in lv.values()]
+
+
+CPU_CASES = {
+    **OPTION_SETS,
+    "zeros-only": dict(padding="zeros"),
+    "angle-only": dict(perception_angle=2.5),
+    "clip-each": dict(clip={"perception": (-0.8, None), "hidden": (None, 1.0)}),
+}
+
+
+@pytest.mark.parametrize("float_mask", [False, True], ids=["bool", "float"])
+@pytest.mark.parametrize("opts", CPU_CASES.values(), ids=CPU_CASES.keys())
+def test_cpu_op_float64(opts, float_mask, monkeypatch):
+    import fastnca.ops.nca_step_options as mod
+    from fastnca.ops import nca_step
+
+    monkeypatch.setattr(mod, "_chunk", lambda: 7)  # several blocks with a ragged last one
+    a = make(B=2, C=5, H=5, W=7, hidden=9, nf=4)
+    if float_mask:
+        a["mask"] = (a["mask"] * torch.rand(a["mask"].shape)).double()
+    lv = _leaves(a, torch.float64)
+    out = nca_step(lv["x"], lv["w1"], lv["b1"], lv["w2"], lv["b2"], mask=a["mask"],
+                   filters=a["filters"], **opts)
+    g = torch.randn_like(out)
+    out.backward(g)
+    want, wgrads = _ref_out_grads(a, g, opts)
+    torch.testing.assert_close(out.detach(), want, **TOL[torch.float64])
+    for name, t, w in zip(("x", "w1", "b1", "w2", "b2"), lv.values(), wgrads, strict=True):
+        torch.testing.assert_close(t.grad, w, **TOL[torch.float64], msg=lambda m, n=name: n + m)
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_cpu_op_float32(opts):
+    from fastnca.ops import nca_step
+
+    a = make(B=2, C=6, H=6, W=7, hidden=16, nf=4)
+    lv = _leaves(a, torch.float32)
+    out = nca_step(lv["x"], lv["w1"], lv["b1"], lv["w2"], lv["b2"], mask=a["mask"],
+                   filters=a["filters"].float(), **opts)
+    assert out.dtype == torch.float32
+    g = torch.randn_like(out)
+    out.backward(g)
+    want, wgrads = _ref_out_grads(a, g, opts)
+    torch.testing.assert_close(out.detach().double(), want, **TOL[torch.float32])
+    for t, w in zip(lv.values(), wgrads, strict=True):
+        torch.testing.assert_close(t.grad.double(), w, **TOL[torch.float32])
+
+
+def test_cpu_op_saved_bytes():
+    from fastnca.nca.model import saved_tensor_bytes
+    from fastnca.ops import nca_step
+
+    B, C, H, W = 2, 16, 24, 20
+    a = make(B=B, C=C, H=H, W=W, hidden=32, nf=3, dtype=torch.float32)
+    params = [a[k].requires_grad_() for k in ("w1", "b1", "w2", "b2")]
+    x = a["x"].requires_grad_()
+    opts = OPTION_SETS["all"]
+    _, info = saved_tensor_bytes(nca_step, x, *params, mask=a["mask"], filters=a["filters"],
+                                 exclude=[*params, a["filters"]], **opts)
+    # x, the update mask and the alive mask per cell; plus the rotated bank (F*9 floats).
+    assert info["saved"] == B * H * W * (4 * C + 2) + a["filters"].numel() * 4
+
+
+def test_option_errors():
+    from fastnca.ops import nca_step
+
+    a = make(alpha=False, dtype=torch.float32)
+    args = (a["x"], a["w1"], a["b1"], a["w2"], a["b2"], a["mask"], 0.5, a["filters"].float())
+    bad = [
+        (dict(padding="reflect"), "padding"),
+        (dict(alive_threshold="0.1"), "alive_threshold"),
+        (dict(alive_threshold=0.1, alive_channel=5), "alive_channel"),
+        (dict(clip={"hiden": (0, 1)}), "unknown keys"),
+        (dict(clip={"hidden": (2, 1)}), "lo <= hi"),
+        (dict(clip={"hidden": 1.0}), "clip\\['hidden'\\]"),
+        (dict(clip=[(0, 1)]), "clip must be"),
+        (dict(perception_angle=float("nan")), "perception_angle"),
+    ]
+    for opts, match in bad:
+        with pytest.raises((ValueError, TypeError), match=match):
+            nca_step(*args, **opts)
+    k1 = DISTILL_FILTERS[:2].float()
+    w1 = torch.zeros(9, 10)
+    with pytest.raises(ValueError, match="F >= 3"):
+        nca_step(a["x"], w1, None, a["w2"], mask=a["mask"], filters=k1, perception_angle=0.3)
+
+
+def test_compile_fullgraph_with_options():
+    from fastnca.ops import nca_step
+
+    a = make(B=1, C=5, H=5, W=6, hidden=8, nf=3, dtype=torch.float32)
+    lv = _leaves(a, torch.float32)
+    opts = OPTION_SETS["all"]
+    f = lambda x, w1, b1, w2, b2: nca_step(x, w1, b1, w2, b2, mask=a["mask"],
+                                           filters=a["filters"], **opts)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(*lv.values())
+    out.sum().backward()
+    torch.testing.assert_close(out, f(*[t.detach() for t in lv.values()]))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.library import triton_op
 
@@ -87,11 +88,13 @@ def _taps(filters):
             for kf in filters.tolist()]
 
 
-def _perceive_planes(x, taps):
+def _perceive_planes(x, taps, zero_pad=False):
     # x: (B, C, H, W) -> P: (F, C, B, H, W), P[f, c, b] = filter f on channel c of image b: the
     # layout in which the fired cells of all images are columns of one (F*C, B*H*W) matrix.
+    # Circular padding, or zeros outside the grid with zero_pad.
     B, C, H, W = x.shape
-    xp = circular_pad1(x.transpose(0, 1))  # (C, B, H+2, W+2), one copy
+    xt = x.transpose(0, 1)
+    xp = F.pad(xt, (1, 1, 1, 1)) if zero_pad else circular_pad1(xt)  # (C, B, H+2, W+2), one copy
     out = torch.empty((len(taps), C, B, H, W), dtype=x.dtype)
     for f, tf in enumerate(taps):
         o = out[f]
@@ -107,15 +110,18 @@ def _perceive_planes(x, taps):
     return out
 
 
-def _adjoint_planes(dp, g, taps):
+def _adjoint_planes(dp, g, taps, zero_pad=False):
     # g + adjoint perception of dp: (F, C, B, H, W) -> (B, C, H, W). Accumulates into a padded
-    # buffer (dx[i+a-1, j+e-1] += k[a, e] dp[i, j]) and folds the halo back circularly.
+    # buffer (dx[i+a-1, j+e-1] += k[a, e] dp[i, j]) and folds the halo back circularly (zero_pad:
+    # drops it, the padding is a constant).
     B, C, H, W = g.shape
     acc = torch.zeros((C, B, H + 2, W + 2), dtype=dp.dtype)
     acc[:, :, 1:H + 1, 1:W + 1] = g.transpose(0, 1)
     for f, tf in enumerate(taps):
         for a, e, v in tf:
             acc[:, :, a:a + H, e:e + W].add_(dp[f], alpha=v)
+    if zero_pad:
+        return acc[:, :, 1:H + 1, 1:W + 1].transpose(0, 1)
     acc[:, :, 1].add_(acc[:, :, H + 1])
     acc[:, :, H].add_(acc[:, :, 0])
     acc[:, :, 1:H + 1, 1].add_(acc[:, :, 1:H + 1, W + 1])
@@ -320,7 +326,10 @@ def update_mask(x: torch.Tensor, fire_rate: float = 0.5) -> torch.Tensor:
 
 def nca_step(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
              b2: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-             fire_rate: float = 0.5, filters: torch.Tensor | None = None) -> torch.Tensor:
+             fire_rate: float = 0.5, filters: torch.Tensor | None = None, *,
+             padding: str = "circular", alive_threshold: float | None = None,
+             alive_channel: int = 3, clip: dict | None = None,
+             perception_angle: float = 0.0) -> torch.Tensor:
     """One NCA update ``x + (w2 relu(w1 perceive(x) + b1) + b2) * mask``, fused, recompute backward.
 
     Args:
@@ -332,6 +341,17 @@ def nca_step(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
             is 0 are copied unchanged. Pass bool masks: they are what backward keeps (1 byte/cell).
         fire_rate: probability that a cell updates when ``mask`` is None, in [0, 1].
         filters: (F, 3, 3) perception bank; default ``DEFAULT_FILTERS`` (the lesson's).
+        padding: "circular" (default) or "zeros" (cells outside the grid read 0).
+        alive_threshold: None, or the alive masking of the growing NCA: the result is multiplied
+            by ``pre & post``, ``pre = maxpool3x3(x[:, alive_channel]) > alive_threshold`` and
+            ``post`` the same on the updated state (the padding never wins the max).
+        alive_channel: the alpha channel of alive masking (default 3).
+        clip: None or a dict with any of "perception", "hidden" (after relu), "update" (before
+            the mask) and "state" (after the update) mapping to a (lo, hi) range.
+        perception_angle: radians; filters 1 and 2 (the gradients) become
+            ``cos a k1 - sin a k2`` and ``sin a k1 + cos a k2``.
+        Any option set runs ``fastnca.ops.nca_step_options`` (see there); its backward also keeps
+        the alive mask (1 byte per cell). On CUDA it runs a checkpointed torch composite for now.
 
     Returns (B, C, H, W) in x's dtype (contiguous); arithmetic in float32 (float64 for float64).
     Differentiable w.r.t. x, w1, b1, w2, b2 (not the mask or the filters). Backward keeps only x,
@@ -342,6 +362,14 @@ def nca_step(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     w1, w2 = _check(x, w1, b1, w2, b2, mask, fire_rate, filters)
     if mask is None:
         mask = update_mask(x, fire_rate)
+    if (padding != "circular" or alive_threshold is not None or clip is not None
+            or perception_angle != 0):
+        from fastnca.ops import nca_step_options as opt  # imports this module's helpers
+
+        o = opt.check_options(padding, alive_threshold, alive_channel, clip, perception_angle,
+                              x.shape[1], filters.shape[0])
+        with torch.autocast(x.device.type, enabled=False):
+            return opt.nca_step_options(x, w1, b1, w2, b2, mask.detach(), filters.detach(), *o)
     args = (x, w1, b1, w2, b2, mask.detach(), filters.detach())
     # The step computes in float32 whatever autocast says (the state is a residual sum over many
     # steps); autocast would otherwise recast the CPU op's inner matmuls and break its buffers.
