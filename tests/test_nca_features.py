@@ -12,8 +12,12 @@ from conftest import TOL
 from fastnca import DISTILL_FILTERS
 from fastnca.reference import alive_mask_ref, nca_step_ref, perceive_ref, rotate_filters
 
-TEXTURE_CLIP = {"perception": (-2.0, 2.0), "hidden": (0.0, 2.0), "update": (-2.0, 2.0),
-                "state": (-2.0, 2.0)}
+TEXTURE_CLIP = {
+    "perception": (-2.0, 2.0),
+    "hidden": (0.0, 2.0),
+    "update": (-2.0, 2.0),
+    "state": (-2.0, 2.0),
+}
 
 
 def make(B=2, C=5, H=6, W=7, hidden=9, nf=3, dtype=torch.float64, seed=0, alpha=True):
@@ -28,9 +32,15 @@ def make(B=2, C=5, H=6, W=7, hidden=9, nf=3, dtype=torch.float64, seed=0, alpha=
         x[:, 3] = torch.where(a < 0.6, -a, 0.15 + a).to(dtype)  # ~60% dead cells
         x[:, 3, :, :3] = -a[:, :, :3].to(dtype)  # and a dead band, so some cells die
     k = DISTILL_FILTERS[:nf] if nf <= 4 else torch.randn(nf, 3, 3, generator=g)
-    return dict(x=x, w1=r(hidden, nf * C, scale=0.5), b1=r(hidden, scale=0.3),
-                w2=r(C, hidden, scale=0.5), b2=r(C, scale=0.3),
-                mask=torch.rand(B, 1, H, W, generator=g) < 0.6, filters=k.to(dtype))
+    return dict(
+        x=x,
+        w1=r(hidden, nf * C, scale=0.5),
+        b1=r(hidden, scale=0.3),
+        w2=r(C, hidden, scale=0.5),
+        b2=r(C, scale=0.3),
+        mask=torch.rand(B, 1, H, W, generator=g) < 0.6,
+        filters=k.to(dtype),
+    )
 
 
 # ------------------------------------------------------------------------- nca_step_ref semantics
@@ -81,8 +91,9 @@ def test_alive_mask_padding_never_wins(padding):
     assert torch.equal(got, _alive_loop(x, 0.1, 3, padding == "circular"))
     assert got.sum() == (4 if padding == "zeros" else 9)
     x = torch.randn(2, 5, 5, 6, dtype=torch.float64)
-    assert torch.equal(alive_mask_ref(x, 0.1, 2, padding),
-                       _alive_loop(x, 0.1, 2, padding == "circular"))
+    assert torch.equal(
+        alive_mask_ref(x, 0.1, 2, padding), _alive_loop(x, 0.1, 2, padding == "circular")
+    )
     # Zero padding is never "alive" even with a negative threshold: the border has no ghosts.
     x = torch.full((1, 4, 3, 3), -5.0, dtype=torch.float64)
     assert not alive_mask_ref(x, -1.0, 3, "zeros").any()
@@ -135,8 +146,9 @@ def test_clip_ranges():
 def test_any_filter_bank(nf):
     a = make(nf=nf, alpha=False)
     out = nca_step_ref(**a)
-    p = F.conv2d(F.pad(a["x"].reshape(-1, 1, 6, 7), (1, 1, 1, 1), mode="circular"),
-                 a["filters"][:, None]).reshape(2, 5 * nf, 6, 7)
+    p = F.conv2d(
+        F.pad(a["x"].reshape(-1, 1, 6, 7), (1, 1, 1, 1), mode="circular"), a["filters"][:, None]
+    ).reshape(2, 5 * nf, 6, 7)
     h = torch.relu(torch.einsum("kj,bjhw->bkhw", a["w1"], p) + a["b1"][:, None, None])
     y = torch.einsum("ck,bkhw->bchw", a["w2"], h) + a["b2"][:, None, None]
     torch.testing.assert_close(out, a["x"] + y * a["mask"])
@@ -145,9 +157,17 @@ def test_any_filter_bank(nf):
 OPTION_SETS = {
     "growing": dict(padding="zeros", alive_threshold=0.1, perception_angle=0.4),
     "texture": dict(clip=TEXTURE_CLIP),
-    "all": dict(padding="zeros", alive_threshold=0.1, clip={"perception": (-1.0, 1.0),
-                "hidden": (0.0, 1.5), "update": (-0.3, 0.3), "state": (-1.0, 2.0)},
-                perception_angle=-1.1),
+    "all": dict(
+        padding="zeros",
+        alive_threshold=0.1,
+        clip={
+            "perception": (-1.0, 1.0),
+            "hidden": (0.0, 1.5),
+            "update": (-0.3, 0.3),
+            "state": (-1.0, 2.0),
+        },
+        perception_angle=-1.1,
+    ),
     "circular-alive": dict(alive_threshold=0.1, alive_channel=3, clip={"update": (-0.5, 0.5)}),
 }
 
@@ -164,8 +184,7 @@ def test_reference_gradcheck(opts):
         y = nca_step_ref(**{**a, "mask": torch.ones_like(a["mask"])}) - a["x"]
         lo, hi = opts["clip"]["update"]
         assert ((y < lo) | (y > hi)).any() and ((y > lo) & (y < hi)).any()
-    fn = lambda x, w1, b1, w2, b2: nca_step_ref(x, w1, b1, w2, b2, a["mask"], a["filters"],
-                                                **opts)
+    fn = lambda x, w1, b1, w2, b2: nca_step_ref(x, w1, b1, w2, b2, a["mask"], a["filters"], **opts)
     assert torch.autograd.gradcheck(fn, tuple(leaves.values()), eps=1e-7, atol=1e-6)
 
 
@@ -173,14 +192,20 @@ def test_reference_gradcheck(opts):
 
 
 def _leaves(a, dtype):
-    return {k: None if a[k] is None else a[k].to(dtype).clone().requires_grad_()
-            for k in ("x", "w1", "b1", "w2", "b2")}
+    return {
+        k: None if a[k] is None else a[k].to(dtype).clone().requires_grad_()
+        for k in ("x", "w1", "b1", "w2", "b2")
+    }
 
 
 def _ref_out_grads(a, g, opts):
     lv = _leaves(a, torch.float64)
-    out = nca_step_ref(**lv, mask=a["mask"].double() if a["mask"].is_floating_point()
-                       else a["mask"], filters=a["filters"].double(), **opts)
+    out = nca_step_ref(
+        **lv,
+        mask=a["mask"].double() if a["mask"].is_floating_point() else a["mask"],
+        filters=a["filters"].double(),
+        **opts,
+    )
     out.backward(g.double())
     return out.detach(), [None if t is None else t.grad for t in lv.values()]
 
@@ -204,8 +229,16 @@ def test_cpu_op_float64(opts, float_mask, monkeypatch):
     if float_mask:
         a["mask"] = (a["mask"] * torch.rand(a["mask"].shape)).double()
     lv = _leaves(a, torch.float64)
-    out = nca_step(lv["x"], lv["w1"], lv["b1"], lv["w2"], lv["b2"], mask=a["mask"],
-                   filters=a["filters"], **opts)
+    out = nca_step(
+        lv["x"],
+        lv["w1"],
+        lv["b1"],
+        lv["w2"],
+        lv["b2"],
+        mask=a["mask"],
+        filters=a["filters"],
+        **opts,
+    )
     g = torch.randn_like(out)
     out.backward(g)
     want, wgrads = _ref_out_grads(a, g, opts)
@@ -220,8 +253,16 @@ def test_cpu_op_float32(opts):
 
     a = make(B=2, C=6, H=6, W=7, hidden=16, nf=4)
     lv = _leaves(a, torch.float32)
-    out = nca_step(lv["x"], lv["w1"], lv["b1"], lv["w2"], lv["b2"], mask=a["mask"],
-                   filters=a["filters"].float(), **opts)
+    out = nca_step(
+        lv["x"],
+        lv["w1"],
+        lv["b1"],
+        lv["w2"],
+        lv["b2"],
+        mask=a["mask"],
+        filters=a["filters"].float(),
+        **opts,
+    )
     assert out.dtype == torch.float32
     g = torch.randn_like(out)
     out.backward(g)
@@ -240,8 +281,15 @@ def test_cpu_op_saved_bytes():
     params = [a[k].requires_grad_() for k in ("w1", "b1", "w2", "b2")]
     x = a["x"].requires_grad_()
     opts = OPTION_SETS["all"]
-    _, info = saved_tensor_bytes(nca_step, x, *params, mask=a["mask"], filters=a["filters"],
-                                 exclude=[*params, a["filters"]], **opts)
+    _, info = saved_tensor_bytes(
+        nca_step,
+        x,
+        *params,
+        mask=a["mask"],
+        filters=a["filters"],
+        exclude=[*params, a["filters"]],
+        **opts,
+    )
     # x, the update mask and the alive mask per cell; plus the rotated bank (F*9 floats).
     assert info["saved"] == B * H * W * (4 * C + 2) + a["filters"].numel() * 4
 
@@ -276,8 +324,9 @@ def test_compile_fullgraph_with_options():
     a = make(B=1, C=5, H=5, W=6, hidden=8, nf=3, dtype=torch.float32)
     lv = _leaves(a, torch.float32)
     opts = OPTION_SETS["all"]
-    f = lambda x, w1, b1, w2, b2: nca_step(x, w1, b1, w2, b2, mask=a["mask"],
-                                           filters=a["filters"], **opts)
+    f = lambda x, w1, b1, w2, b2: nca_step(
+        x, w1, b1, w2, b2, mask=a["mask"], filters=a["filters"], **opts
+    )
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(*lv.values())
     out.sum().backward()
     torch.testing.assert_close(out, f(*[t.detach() for t in lv.values()]))
