@@ -1,0 +1,269 @@
+"""fastnca.nca.export: the self-contained WebGL2 page and its parity with PyTorch.
+
+Parity: the page's test mode (``#test=64&seed=S&size=HxW``) runs 64 steps from the hashed noise
+state with the hashed update masks and writes the float32 state into the DOM; PyTorch runs the
+same 64 steps (``hash_state``, ``hash_mask``, fastnca's own step). Both compute in float32 but sum
+in different orders, so they drift apart by a few float32 ulps per step: the documented tolerance
+is PARITY_ATOL = 1e-4 absolute after 64 steps on states of magnitude ~1 (measured: ~1e-6). The
+browser tests need a chromium binary (Debian: ``apt-get install -y chromium``) and are skipped,
+saying so, only when there is none.
+"""
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from fastnca import DISTILL_FILTERS, NCA
+from fastnca.nca import export
+from fastnca.nca.export import (
+    export_html,
+    find_chromium,
+    hash_mask,
+    hash_state,
+    read_state,
+    run_headless,
+)
+from fastnca.reference import nca_step_ref
+
+PARITY_ATOL = 1e-4
+STEPS, H, W = 64, 24, 40  # non-square, so a transposed layout fails
+TEXTURE_CLIP = {
+    "perception": (-2.0, 2.0),
+    "hidden": (0.0, 2.0),
+    "update": (-0.02, 0.02),
+    "state": (-1.0, None),
+}
+needs_chromium = pytest.mark.skipif(
+    find_chromium() is None,
+    reason="no chromium binary on PATH: the browser parity tests need Debian's chromium "
+    "(apt-get install -y chromium)",
+)
+
+
+def randomize(model, s1=0.1, s2=0.01):
+    """Non-zero weights that keep 64 steps bounded (|state| of order 1) but changing."""
+    with torch.no_grad():
+        for conv, s in ((model.w1, s1), (model.w2, s2)):
+            conv.weight.normal_(0, s)
+            if conv.bias is not None:
+                conv.bias.normal_(0, s)
+    return model
+
+
+def growing_model(**extra):
+    """16 channels, 128 hidden, 3 rotated filters, zero padding, alive masking: the growing NCA's
+    architecture. Uses the NCA's own options where it has them, else plain attributes (which the
+    exporter reads the same way) with the reference step as the oracle."""
+    opts = dict(
+        padding="zeros", alive_threshold=0.1, alive_channel=3, perception_angle=0.4, **extra
+    )
+    try:
+        m = NCA(16, 128, 0.5, DISTILL_FILTERS[:3], bias1=True, bias2=True, **opts)
+    except TypeError:
+        m = NCA(16, 128, 0.5, DISTILL_FILTERS[:3], bias1=True, bias2=True)
+        for k, v in opts.items():
+            setattr(m, k, v)
+        m._export_test_opts = opts  # the step options live only as attributes
+    randomize(m)
+    with torch.no_grad():
+        m.w2.bias[3] = -0.01  # alpha drifts down: some cells die, most live (checked below)
+    return m
+
+
+def torch_steps(model, x, steps, seed):
+    """``steps`` steps of fastnca's step with the page's masks (the reference step with the
+    model's options when the NCA module does not hold them itself)."""
+    opts = getattr(model, "_export_test_opts", None)
+    H, W = x.shape[-2:]
+    with torch.no_grad():
+        for s in range(steps):
+            mask = hash_mask(seed, s, H, W, model.fire_rate)
+            if opts is None:
+                x = model.step(x, mask)
+            else:
+                w1, w2 = model.w1.weight[:, :, 0, 0], model.w2.weight[:, :, 0, 0]
+                x = nca_step_ref(
+                    x, w1, model.w1.bias, w2, model.w2.bias, mask, model.filters, **opts
+                )
+    return x
+
+
+def page_state(tmp_path, model, seed, fragment=""):
+    page = export_html(model, tmp_path / "nca.html")
+    dom = run_headless(page, f"test={STEPS}&seed={seed}&size={H}x{W}{fragment}")
+    return read_state(dom)
+
+
+# ----------------------------------------------------------------------------- browser parity
+@needs_chromium
+@pytest.mark.parametrize("preset", ["lesson", "texture", "texture-weights-texture", "clip"])
+def test_page_matches_pytorch_after_64_steps(tmp_path, preset):
+    if preset == "lesson":
+        model = randomize(NCA.fastai())
+    elif preset == "clip":
+        model = randomize(NCA.texture(bias2=True), s2=0.05)
+        try:
+            model = randomize(NCA.texture(bias2=True, clip=TEXTURE_CLIP), s2=0.05)
+        except TypeError:
+            model.clip = TEXTURE_CLIP
+            model._export_test_opts = {"clip": TEXTURE_CLIP}
+    else:
+        model = randomize(NCA.texture())
+    # "texture-weights-texture": the page's other weight path (weights read from a texture).
+    frag = "&weights=texture" if preset.endswith("weights-texture") else ""
+    got = page_state(tmp_path, model, seed=3, fragment=frag)
+    x0 = hash_state(3, model.channels, H, W)
+    want = torch_steps(model, x0, STEPS, seed=3)
+    assert got.shape == want.shape == (1, model.channels, H, W)
+    assert (want - x0).abs().max() > 0.1, "the test model must change the state"
+    diff = (got - want).abs().max().item()
+    assert diff <= PARITY_ATOL, f"{preset}: page vs PyTorch max abs diff {diff:.3g} after 64 steps"
+
+
+@needs_chromium
+def test_page_matches_pytorch_growing_model(tmp_path):
+    model = growing_model()
+    got = page_state(tmp_path, model, seed=5)
+    want = torch_steps(model, hash_state(5, 16, H, W), STEPS, seed=5)
+    alive = (want[:, 3] != 0).float().mean().item()
+    assert 0.2 < alive < 0.95, f"alive masking must kill some cells and keep most ({alive:.2f})"
+    diff = (got - want).abs().max().item()
+    assert diff <= PARITY_ATOL, f"growing: page vs PyTorch max abs diff {diff:.3g} after 64 steps"
+
+
+@needs_chromium
+def test_page_says_so_without_webgl2(tmp_path):
+    page = export_html(NCA.fastai(), tmp_path / "nca.html")
+    dom = run_headless(page, "test=1", extra_flags=("--disable-3d-apis",))
+    assert "needs WebGL2" in dom
+
+
+# ----------------------------------------------------------------------------- masks and states
+def test_hash_mask_rate_and_determinism():
+    m = hash_mask(7, 0, 64, 64, 0.5)
+    assert m.shape == (1, 1, 64, 64) and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert abs(m.mean().item() - 0.5) < 0.03
+    assert torch.equal(m, hash_mask(7, 0, 64, 64, 0.5))
+    assert not torch.equal(m, hash_mask(7, 1, 64, 64, 0.5))
+    assert not torch.equal(m, hash_mask(8, 0, 64, 64, 0.5))
+    assert hash_mask(7, 3, 16, 16, 1.0).all() and not hash_mask(7, 3, 16, 16, 0.0).any()
+    assert abs(hash_mask(1, 2, 64, 64, 0.25).mean().item() - 0.25) < 0.03
+
+
+def test_hash_state_range_and_channels_differ():
+    x = hash_state(3, 5, 16, 24)
+    assert x.shape == (1, 5, 16, 24) and x.dtype == torch.float32
+    assert x.min() >= -0.5 and x.max() < 0.5 and abs(x.mean().item()) < 0.05
+    assert not torch.equal(x[0, 0], x[0, 1]) and torch.equal(x, hash_state(3, 5, 16, 24))
+
+
+def test_hash32_is_lowbias32():
+    # lowbias32 of 1, computed by hand from its definition with Python ints.
+    def ref(v):
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & 0xFFFFFFFF
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & 0xFFFFFFFF
+        return v ^ (v >> 16)
+
+    vals = np.array([0, 1, 2, 12345, 0xFFFFFFFF], dtype=np.uint32)
+    assert export.hash32(vals).tolist() == [ref(int(v)) for v in vals]
+
+
+# ----------------------------------------------------------------------------- the page's file
+def _data(html):
+    m = re.search(r"const NCA_DATA = (\{.*?\});\n", html)
+    return json.loads(m.group(1))
+
+
+def _floats(b64):
+    return torch.from_numpy(np.frombuffer(base64.b64decode(b64), dtype="<f4").copy())
+
+
+def test_page_is_self_contained_and_carries_the_weights(tmp_path):
+    model = randomize(NCA.texture(bias2=True))
+    path = export_html(model, tmp_path / "t.html", name="tex </script>", grid=(64, 96))
+    html = path.read_text()
+    assert not re.search(r"(src|href)\s*=|https?://|@import|fetch\(|XMLHttpRequest", html)
+    assert html.count("</script>") == 1  # the name could not close the script early
+    d = _data(html)
+    assert (d["channels"], d["hidden"], d["n_filters"], d["grid"]) == (12, 96, 4, [64, 96])
+    assert d["display"] == "rgb" and d["seed_kind"] == "zeros" and d["padding"] == "circular"
+    torch.testing.assert_close(_floats(d["w1"]), model.w1.weight.flatten(), rtol=0, atol=0)
+    torch.testing.assert_close(_floats(d["b2"]), model.w2.bias, rtol=0, atol=0)
+    torch.testing.assert_close(_floats(d["filters"]), DISTILL_FILTERS.flatten(), rtol=0, atol=0)
+    assert d["fire_threshold"] == 1 << 23
+
+
+def test_growing_model_defaults_and_rotated_filters(tmp_path):
+    model = growing_model(clip={"update": (None, 0.5)})
+    d = _data(export_html(model, tmp_path / "g.html").read_text())
+    assert d["display"] == "premultiplied" and d["seed_kind"] == "centre"
+    assert d["padding"] == "zeros" and d["alive_threshold"] == pytest.approx(0.1)
+    assert d["clip"] == {"update": [None, 0.5]}
+    k = _floats(d["filters"]).reshape(3, 3, 3)
+    c, s = np.cos(0.4), np.sin(0.4)
+    want = c * DISTILL_FILTERS[1] - s * DISTILL_FILTERS[2]
+    torch.testing.assert_close(k[1], want.float(), rtol=0, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- refusals
+def _bad_models():
+    nan = NCA.fastai()
+    with torch.no_grad():
+        nan.w1.weight[0, 0] = float("nan")
+    alive = NCA.fastai()
+    alive.alive_threshold, alive.alive_channel = 0.1, 4
+    pad = NCA.fastai()
+    pad.padding = "reflect"
+    return [
+        (NCA(channels=65, hidden=8), ValueError, "channels = 65"),
+        (NCA(channels=2, hidden=8), ValueError, "channels = 2"),
+        (NCA(channels=4, hidden=513), ValueError, "hidden = 513"),
+        (NCA(channels=4, filters=torch.zeros(17, 3, 3)), ValueError, "filters = 17"),
+        (nan, ValueError, "w1 holds NaN"),
+        (alive, ValueError, "alive_channel 4"),
+        (pad, ValueError, "padding"),
+        (torch.nn.Linear(3, 3), TypeError, "fastnca NCA"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_export_refuses_models_it_cannot_run(tmp_path, i):
+    model, exc, words = _bad_models()[i]
+    with pytest.raises(exc, match=words) as e:
+        export_html(model, tmp_path / "x.html")
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_bad_paths(tmp_path, monkeypatch):
+    model = NCA.fastai()
+    with pytest.raises(ValueError, match="does not exist"):
+        export_html(model, tmp_path / "missing" / "x.html")
+    with pytest.raises(ValueError, match="is a directory"):
+        export_html(model, tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+
+    def denied(*a, **k):  # root ignores the mode bits: refuse the way a read-only dir does
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(export.tempfile, "mkstemp", denied)
+    with pytest.raises(ValueError, match="cannot write") as e:
+        export_html(model, ro / "x.html")
+    assert "\n" not in str(e.value) and list(ro.iterdir()) == []
+    for kwargs, words in (
+        ({"grid": 0}, "grid"),
+        ({"display": "hsv"}, "display"),
+        ({"seed": "ring"}, "seed"),
+        ({"steps_per_frame": 0}, "steps_per_frame"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            export_html(model, tmp_path / "y.html", **kwargs)
+    assert not (tmp_path / "y.html").exists()
