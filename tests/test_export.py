@@ -212,31 +212,40 @@ def test_growing_model_defaults_and_rotated_filters(tmp_path):
 
 
 # ----------------------------------------------------------------------------- refusals
-def _bad_models():
-    nan = NCA.fastai()
+def _nan_model():
+    m = NCA.fastai()
     with torch.no_grad():
-        nan.w1.weight[0, 0] = float("nan")
-    alive = NCA.fastai()
-    alive.alive_threshold, alive.alive_channel = 0.1, 4
-    pad = NCA.fastai()
-    pad.padding = "reflect"
-    return [
-        (NCA(channels=65, hidden=8), ValueError, "channels = 65"),
-        (NCA(channels=2, hidden=8), ValueError, "channels = 2"),
-        (NCA(channels=4, hidden=513), ValueError, "hidden = 513"),
-        (NCA(channels=4, filters=torch.zeros(17, 3, 3)), ValueError, "filters = 17"),
-        (nan, ValueError, "w1 holds NaN"),
-        (alive, ValueError, "alive_channel 4"),
-        (pad, ValueError, "padding"),
-        (torch.nn.Linear(3, 3), TypeError, "fastnca NCA"),
-    ]
+        m.w1.weight[0, 0] = float("nan")
+    return m
 
 
-@pytest.mark.parametrize("i", range(8))
-def test_export_refuses_models_it_cannot_run(tmp_path, i):
-    model, exc, words = _bad_models()[i]
+def _with(model, **attrs):
+    for k, v in attrs.items():
+        setattr(model, k, v)
+    return model
+
+
+BAD_MODELS = {  # model the page cannot run -> (exception, words of its message)
+    "channels>64": (lambda: NCA(channels=65, hidden=8), ValueError, "channels = 65"),
+    "channels<3": (lambda: NCA(channels=2, hidden=8), ValueError, "channels = 2"),
+    "hidden>512": (lambda: NCA(channels=4, hidden=513), ValueError, "hidden = 513"),
+    "filters>16": (lambda: NCA(filters=torch.zeros(17, 3, 3)), ValueError, "filters = 17"),
+    "nan": (_nan_model, ValueError, "w1 holds NaN"),
+    "alive_channel": (
+        lambda: _with(NCA.fastai(), alive_threshold=0.1, alive_channel=4),
+        ValueError,
+        "alive_channel 4",
+    ),
+    "padding": (lambda: _with(NCA.fastai(), padding="reflect"), ValueError, "padding"),
+    "not-nca": (lambda: torch.nn.Linear(3, 3), TypeError, "fastnca NCA"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MODELS))
+def test_export_refuses_models_it_cannot_run(tmp_path, case):
+    make, exc, words = BAD_MODELS[case]
     with pytest.raises(exc, match=words) as e:
-        export_html(model, tmp_path / "x.html")
+        export_html(make(), tmp_path / "x.html")
     assert "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
 
