@@ -86,7 +86,7 @@ def check_options(padding, alive_threshold, alive_channel, clip, perception_angl
     if (
         not isinstance(alive_channel, numbers.Integral)
         or isinstance(alive_channel, bool)
-        or not 0 <= alive_channel < C
+        or (alive_threshold is not None and not 0 <= alive_channel < C)
     ):
         raise ValueError(
             f"alive_channel must be an int in [0, C) = [0, {C}), got {alive_channel!r}"
