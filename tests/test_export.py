@@ -12,6 +12,7 @@ saying so, only when there is none.
 import base64
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -276,3 +277,61 @@ def test_export_refuses_bad_paths(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=words):
             export_html(model, tmp_path / "y.html", **kwargs)
     assert not (tmp_path / "y.html").exists()
+
+
+# ----------------------------------------------------------------------------- the commands
+def cli(argv, capsys):
+    """`fastnca export|zoo ARGS` as fastnca.cli.main runs them: (exit code, stderr)."""
+    import argparse
+
+    from fastnca.cli import export as cli_export
+    from fastnca.cli import zoo as cli_zoo
+    from fastnca.cli._common import UsageError
+
+    parser = argparse.ArgumentParser(prog="fastnca")
+    sub = parser.add_subparsers(dest="command")
+    for mod in (cli_export, cli_zoo):
+        mod.add_parser(sub).set_defaults(_run=mod.run)
+    args = parser.parse_args(argv)
+    try:
+        rc = args._run(args)
+    except UsageError as e:
+        print(f"fastnca {args.command}: error: {e}", file=sys.stderr)
+        rc = 2
+    return rc, capsys.readouterr().err
+
+
+def test_cli_export_of_a_run_dir_and_a_checkpoint(tmp_path, capsys):
+    from fastnca.nca.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoint.pt", randomize(NCA.fastai()))
+    rc, err = cli(["export", str(run), "-o", str(tmp_path / "a.html"), "--size", "48x64"], capsys)
+    assert rc == 0 and "a.html" in err
+    d = _data((tmp_path / "a.html").read_text())
+    assert d["grid"] == [48, 64] and d["name"] == "run" and d["channels"] == 4
+    rc, _ = cli(["export", str(run / "checkpoint.pt"), "-o", str(tmp_path / "b.html")], capsys)
+    assert rc == 0 and (tmp_path / "b.html").is_file()
+
+
+@pytest.mark.parametrize("case", ["zoo", "no-checkpoint", "missing-dir", "size", "bad-file"])
+def test_cli_export_bad_input_is_one_line_exit_2(tmp_path, capsys, case):
+    out = tmp_path / "out" / "nca.html"
+    out.parent.mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    argv = {
+        "zoo": ["zoo:no-such-model", "-o", str(out)],
+        "no-checkpoint": [str(tmp_path / "empty"), "-o", str(out)],
+        "missing-dir": ["zoo:stripes", "-o", str(tmp_path / "nope" / "x.html")],
+        "size": ["zoo:stripes", "-o", str(out), "--size", "0"],
+        "bad-file": [str(tmp_path / "junk.pt"), "-o", str(out)],
+    }[case]
+    if case in ("missing-dir", "size"):  # a source that loads, so the path/size is what fails
+        from fastnca.nca.checkpoint import save_checkpoint
+
+        argv[0] = str(save_checkpoint(tmp_path / "ok.pt", NCA.fastai()))
+    rc, err = cli(["export", *argv], capsys)
+    assert rc == 2, err
+    assert err.startswith("fastnca export: error: ") and err.count("\n") == 1, err
+    assert list(out.parent.iterdir()) == [] and not (tmp_path / "nope").exists()
