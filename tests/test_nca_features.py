@@ -330,3 +330,31 @@ def test_compile_fullgraph_with_options():
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(*lv.values())
     out.sum().backward()
     torch.testing.assert_close(out, f(*[t.detach() for t in lv.values()]))
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_dense_path_float64(opts):
+    # The composite that non-CPU devices (CUDA included, for now) run, checked here on the CPU.
+    from fastnca.ops.nca_step_options import _dense, check_options
+
+    a = make(B=2, C=5, H=5, W=7, hidden=9, nf=4)
+    o = check_options(
+        opts.get("padding", "circular"),
+        opts.get("alive_threshold"),
+        opts.get("alive_channel", 3),
+        opts.get("clip"),
+        opts.get("perception_angle", 0.0),
+        5,
+        4,
+    )
+    lv = _leaves(a, torch.float64)
+    k = rotate_filters(a["filters"], o[4])
+    out = torch.utils.checkpoint.checkpoint(
+        _dense, *lv.values(), a["mask"], k, *o[:4], use_reentrant=False
+    )
+    g = torch.randn_like(out)
+    out.backward(g)
+    want, wgrads = _ref_out_grads(a, g, opts)
+    torch.testing.assert_close(out.detach(), want, **TOL[torch.float64])
+    for t, w in zip(lv.values(), wgrads, strict=True):
+        torch.testing.assert_close(t.grad, w, **TOL[torch.float64])
