@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastnca.callbacks import AccelerateCB, Callback, MetricsCB
-from fastnca.data import ddpm_dataloader
-from fastnca.ddpm import SyntheticShapes, UNet
-from fastnca.learner import DataLoaders, Learner
+from fastnca.demos.ddpm import SyntheticShapes, UNet, ddpm_dataloader
+from fastnca.train.callbacks import AccelerateCB, Callback, MetricsCB
+from fastnca.train.learner import DataLoaders, Learner
 
 
 def param_digest(model: torch.nn.Module) -> str:

@@ -1,7 +1,7 @@
 """fastnca: fast Neural Cellular Automata and neural-style losses in PyTorch."""
 
 from fastnca.losses import content_loss, overflow_loss, sliced_wasserstein_loss
-from fastnca.nca import NCA
+from fastnca.nca.model import NCA
 from fastnca.ops import Perception, StyleLoss, gram, nca_step, perceive, style_loss
 from fastnca.reference import DEFAULT_FILTERS, DISTILL_FILTERS
 

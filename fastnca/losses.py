@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastnca._checks import acc_dtype, check_int
 from fastnca.ops._checks import check_same_device, check_tensor
 from fastnca.ops.gram import StyleLoss, as_layers, check_feature, gram, layer_weights, style_loss
 
@@ -100,12 +101,11 @@ def sliced_wasserstein_loss(feats, target_feats, n_projections: int = 32, weight
     Returns:
         0-d loss in float32 (float64 for float64 features).
     """
-    if isinstance(n_projections, bool) or not isinstance(n_projections, int) or n_projections < 1:
-        raise ValueError(f"n_projections must be an int >= 1, got {n_projections!r}")
+    check_int('n_projections', n_projections, 1)
     feats, target_feats, ws = _pairs(feats, target_feats, weights)
     terms = []
     for f, t in zip(feats, target_feats, strict=True):
-        acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(f.dtype)
         B, C, H, W = f.shape
         N = H * W
         dirs = _directions(C, n_projections, acc, f.device, generator).t()  # (P, C)

@@ -1,0 +1,7 @@
+"""``python -m fastnca``: the `fastnca` command."""
+
+import sys
+
+from fastnca.cli import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""Reporting for `fastnca bench`: the terminal table, markdown, JSON and the bar-chart PNG.
+
+Rows come from :func:`fastnca.bench.rows.rows_from_pytest_json`; every speed-up is median(baseline
+variant) / median(row) within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+from fastnca._io import atomic_path
+from fastnca.bench.rows import BenchError, Row, device_kind, is_gated
+
+
+def _fmt_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:8.3f} s "
+    if s >= 1e-3:
+        return f"{s * 1e3:8.2f} ms"
+    return f"{s * 1e6:8.1f} us"
+
+
+def _fmt_extra(extra: dict) -> str:
+    return "  ".join(f"{k}={v}" for k, v in extra.items())
+
+
+def _groups(rows: list[Row]) -> dict[str, list[Row]]:
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(r.group, []).append(r)
+    return groups
+
+
+def format_table(rows: list[Row]) -> str:
+    """One readable table: per group, each variant's median and speed-up over the baseline."""
+    if not rows:
+        return "(no benchmarks ran)"
+    width = max(24, *(len(r.variant) + 2 for r in rows))
+    lines = [
+        f"{'group / variant':<{width}}  {'median':>11}  {'speed-up':>9}  (vs baseline, same run; "
+        "* = timed alternately with the baseline)"
+    ]
+    for group, rs in _groups(rows).items():
+        lines.append(f"{group}   [baseline: {rs[0].baseline}]")
+        for r in rs:
+            ratio = f"{r.ratio:7.2f}x" if r.ratio is not None else "     n/a"
+            ratio += "*" if r.paired else " "
+            extra = _fmt_extra(r.extra)
+            lines.append(
+                f"  {r.variant:<{width - 2}}  {_fmt_time(r.median_s):>11}  {ratio}"
+                + (f"  {extra}" if extra else "")
+            )
+    return "\n".join(lines)
+
+
+def format_markdown(rows: list[Row], machine: dict, command: str) -> str:
+    """Markdown: the machine and the command that produced it, then one table row per benchmark."""
+    dev = machine.get("device_name") or machine.get("device")
+    out = [
+        f"Measured with `{command}` on {machine['cpu']} ({machine['cores']} cores, "
+        f"{machine.get('threads', '?')} torch threads), device "
+        f"{dev}; torch {machine['torch']}, triton {machine['triton']}, Python {machine['python']}.",
+        "Speed-up = median time of the group's baseline / the row's, in the same run; * = the "
+        "row's rounds and the baseline's were timed alternately (paired), so machine load hits "
+        "both alike.",
+        "",
+        "| group | variant | median | speed-up vs baseline | notes |",
+        "|---|---|---:|---:|---|",
+    ]
+    for group, rs in _groups(rows).items():
+        for i, r in enumerate(rs):
+            ratio = (f"{r.ratio:.2f}x" if r.ratio is not None else "n/a") + "*" * r.paired
+            note = _fmt_extra(r.extra) + (" (baseline)" if r.variant == r.baseline else "")
+            out.append(
+                f"| {group if i == 0 else ''} | {r.variant} | {_fmt_time(r.median_s).strip()} "
+                f"| {ratio} | {note.strip()} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def results_json(rows: list[Row], machine: dict, command: str, gate: dict | None = None) -> dict:
+    return {
+        "fastnca_bench": 1,
+        "command": command,
+        "machine": machine,
+        "device_kind": device_kind(machine),
+        "rows": [
+            {
+                "group": r.group,
+                "variant": r.variant,
+                "median_s": r.median_s,
+                "speedup": r.ratio,
+                "baseline": r.baseline,
+                "rounds": r.rounds,
+                "paired": r.paired,
+                "extra": r.extra,
+            }
+            for r in rows
+        ],
+        "gate": gate,
+    }
+
+
+def plot_ratios(rows: list[Row], path: str | Path, title: str = "") -> Path:
+    """Bar chart PNG of each row's speed-up over its group's baseline (1.0 = baseline)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise BenchError(
+            "--plot needs matplotlib, which is not installed: "
+            "pip install 'fastnca[plot]' (or pip install matplotlib)"
+        ) from e
+    groups = _groups([r for r in rows if r.ratio is not None])
+    if not groups:
+        raise BenchError("nothing to plot: no group had its baseline variant in this run")
+    heights = [0.35 * len(rs) + 0.7 for rs in groups.values()]
+    fig, axes = plt.subplots(
+        len(groups),
+        1,
+        figsize=(8, sum(heights) + 0.6),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
+    for ax, (group, rs) in zip(axes[:, 0], groups.items(), strict=True):
+        ratios = [r.ratio for r in rs]
+        colors = [
+            "0.6"
+            if r.variant == r.baseline
+            else ("tab:orange" if is_gated(r.variant, r.baseline) else "tab:blue")
+            for r in rs
+        ]
+        ax.barh(range(len(rs)), ratios, color=colors)
+        ax.set_yticks(range(len(rs)), [r.variant for r in rs], fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="k", lw=0.8)
+        for i, v in enumerate(ratios):
+            ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
+        ax.set_xlim(0, max(ratios) * 1.25)
+        ax.set_title(group, fontsize=9, loc="left")
+        ax.tick_params(axis="x", labelsize=7)
+    axes[-1, 0].set_xlabel(
+        "speed-up over the group's baseline (same run; higher is faster)\n"
+        "grey: baseline, blue: reference code (lesson, torch), orange: fastnca paths",
+        fontsize=8,
+    )
+    if title:
+        title = textwrap.fill(title, 110)
+        fig.suptitle(title, fontsize=8)
+    top = 1 - (0.25 + 0.15 * title.count("\n")) / (sum(heights) + 0.6) if title else 1
+    fig.tight_layout(rect=(0, 0, 1, top))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_json(path: str | Path, content: dict) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(content, indent=1, default=_json_default) + "\n")
+    return Path(path)
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)

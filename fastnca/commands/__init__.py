@@ -1,1 +1,0 @@
-"""Subcommands of the `fastnca` CLI (see fastnca/cli.py): add_parser(sub) and run(args)."""

@@ -1,0 +1,1 @@
+"""Demo workloads of the training-strategy benchmarks (a small DDPM)."""
