@@ -55,21 +55,36 @@ def randomize(model, s1=0.1, s2=0.01):
     return model
 
 
-def growing_model(**extra):
-    """16 channels, 128 hidden, 3 rotated filters, zero padding, alive masking: the growing NCA's
-    architecture. Uses the NCA's own options where it has them, else plain attributes (which the
-    exporter reads the same way) with the reference step as the oracle."""
-    opts = dict(
-        padding="zeros", alive_threshold=0.1, alive_channel=3, perception_angle=0.4, **extra
-    )
+def with_options(make, kwargs, opts, **scales):
+    """``make(**kwargs, **opts)`` with random weights; for an NCA without these step options the
+    options become plain attributes (the exporter reads them the same way) and the reference
+    step with them is the oracle."""
     try:
-        m = NCA(16, 128, 0.5, DISTILL_FILTERS[:3], bias1=True, bias2=True, **opts)
+        m = make(**kwargs, **opts)
     except TypeError:
-        m = NCA(16, 128, 0.5, DISTILL_FILTERS[:3], bias1=True, bias2=True)
+        m = make(**kwargs)
         for k, v in opts.items():
             setattr(m, k, v)
-        m._export_test_opts = opts  # the step options live only as attributes
-    randomize(m)
+        m._export_test_opts = opts
+    return randomize(m, **scales)
+
+
+def growing_model(**extra):
+    """16 channels, 128 hidden, 3 rotated filters, zero padding, alive masking: the growing NCA's
+    architecture, with weights that keep most cells alive for 64 steps."""
+    opts = dict(padding="zeros", alive_threshold=0.1, alive_channel=3, perception_angle=0.4)
+    m = with_options(
+        NCA,
+        dict(
+            channels=16,
+            hidden=128,
+            fire_rate=0.5,
+            filters=DISTILL_FILTERS[:3],
+            bias1=True,
+            bias2=True,
+        ),
+        {**opts, **extra},
+    )
     with torch.no_grad():
         m.w2.bias[3] = -0.01  # alpha drifts down: some cells die, most live (checked below)
     return m
@@ -106,12 +121,7 @@ def test_page_matches_pytorch_after_64_steps(tmp_path, preset):
     if preset == "lesson":
         model = randomize(NCA.fastai())
     elif preset == "clip":
-        model = randomize(NCA.texture(bias2=True), s2=0.05)
-        try:
-            model = randomize(NCA.texture(bias2=True, clip=TEXTURE_CLIP), s2=0.05)
-        except TypeError:
-            model.clip = TEXTURE_CLIP
-            model._export_test_opts = {"clip": TEXTURE_CLIP}
+        model = with_options(NCA.texture, dict(bias2=True), dict(clip=TEXTURE_CLIP), s2=0.05)
     else:
         model = randomize(NCA.texture())
     # "texture-weights-texture": the page's other weight path (weights read from a texture).
