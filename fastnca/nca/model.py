@@ -20,7 +20,10 @@ from torch import nn
 
 from fastnca.nca.config import architecture
 from fastnca.ops.nca_step import nca_step
-from fastnca.reference import DEFAULT_FILTERS
+from fastnca.ops.nca_step_options import check_options
+from fastnca.reference import CLIP_KEYS, DEFAULT_FILTERS
+
+DISPLAYS = ("rgb", "rgb/2", "premultiplied")
 
 _LESSON_KEYS = ("w1.weight", "w2.weight")
 
@@ -37,11 +40,25 @@ class NCA(nn.Module):
             buffer (saved in the state dict; a state dict without it keeps the module's own).
         bias1, bias2: biases of the first / last layer (the lesson: True, False).
         zero_init: zero the last layer, so a new model leaves its state unchanged (the lesson).
+
+    Step options (keyword-only; the defaults are the lesson's step, see ``fastnca.ops.nca_step``):
+        padding: "circular" or "zeros" (the growing NCA).
+        alive_threshold, alive_channel: alive masking on ``x[:, alive_channel]`` (growing: 0.1, 3).
+        clip: None or {"perception"|"hidden"|"update"|"state": (lo, hi)} (the Distill textures).
+        perception_angle: rotation of the two gradient filters, in radians.
+        display: how ``image`` shows a state: "rgb" (``x[:3] + 0.5``), "rgb/2" (``x[:3] / 2 +
+            0.5``, the Distill textures) or "premultiplied" (RGBA on white); None: "premultiplied"
+            with alive masking, else "rgb".
+    They are stored in checkpoints (``step_options()``); with alive masking ``seed`` grows from
+    one living cell.
     """
 
     def __init__(self, channels: int = 4, hidden: int = 8, fire_rate: float = 0.5,
                  filters: torch.Tensor | None = None, bias1: bool = True, bias2: bool = False,
-                 zero_init: bool = True):
+                 zero_init: bool = True, *, padding: str = "circular",
+                 alive_threshold: float | None = None, alive_channel: int = 3,
+                 clip: dict | None = None, perception_angle: float = 0.0,
+                 display: str | None = None):
         super().__init__()
         for name, v in (("channels", channels), ("hidden", hidden)):
             if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
@@ -51,6 +68,18 @@ class NCA(nn.Module):
             raise ValueError(f"filters must have shape (F, 3, 3), got {tuple(bank.shape)}")
         self.channels, self.hidden = int(channels), int(hidden)
         self.fire_rate = fire_rate
+        _, thr, ch, _, angle = check_options(padding, alive_threshold, alive_channel, clip,
+                                             perception_angle, self.channels, bank.shape[0])
+        self.padding, self.alive_threshold, self.alive_channel = padding, thr, ch
+        self.perception_angle = angle
+        self.clip = None if not clip else {
+            k: tuple(None if v is None else float(v) for v in clip[k]) for k in CLIP_KEYS
+            if clip.get(k) is not None} or None
+        if display is None:
+            display = "rgb" if thr is None else "premultiplied"
+        if display not in DISPLAYS:
+            raise ValueError(f"display must be one of {DISPLAYS} or None, got {display!r}")
+        self.display = display
         self.register_buffer("filters", bank.detach().clone().float())
         self.w1 = nn.Conv2d(channels * bank.shape[0], hidden, 1, bias=bias1)
         self.w2 = nn.Conv2d(hidden, channels, 1, bias=bias2)
@@ -78,6 +107,22 @@ class NCA(nn.Module):
     def texture(cls, **kwargs) -> NCA:
         """Self-Organising Textures: 12 channels, 96 hidden, ``DISTILL_FILTERS``."""
         return cls(**{**architecture("texture"), **kwargs})
+
+    @classmethod
+    def from_distill(cls, path, name: str | None = None) -> NCA:
+        """A published Distill model (``fastnca.nca.distill.import_distill``), configured as the
+        authors' architecture. ``name`` picks one model of a file of several (the textures'
+        models.json); a one-model file (a growing NCA's exN_*.json) needs none."""
+        from fastnca.nca.distill import import_distill
+
+        models = import_distill(path)
+        if name is None and len(models) == 1:
+            return next(iter(models.values()))
+        if name not in models:
+            raise ValueError(f"name: {str(path)!r} holds {len(models)} models; pass one of "
+                             f"{', '.join(list(models)[:8])}{', ...' if len(models) > 8 else ''}"
+                             f", got {name!r}")
+        return models[name]
 
     @classmethod
     def from_lesson_state_dict(cls, state_dict: dict, fire_rate: float = 0.5,
@@ -122,7 +167,14 @@ class NCA(nn.Module):
             raise ValueError(f"x must have {self.channels} channels (NCA.channels), got "
                              f"shape {tuple(x.shape)}")
         return nca_step(x, self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias, mask=mask,
-                        fire_rate=self.fire_rate, filters=self.filters)
+                        fire_rate=self.fire_rate, filters=self.filters, **self.step_options())
+
+    def step_options(self) -> dict:
+        """The step options (``nca_step`` keywords), JSON-able: what a checkpoint config keeps."""
+        clip = None if self.clip is None else {k: list(v) for k, v in self.clip.items()}
+        return {"padding": self.padding, "alive_threshold": self.alive_threshold,
+                "alive_channel": self.alive_channel, "clip": clip,
+                "perception_angle": self.perception_angle}
 
     def forward(self, x: torch.Tensor, steps: int = 1) -> torch.Tensor:
         """``steps`` updates of x: (B, C, H, W); each draws its own mask from torch's generator."""
@@ -136,7 +188,9 @@ class NCA(nn.Module):
              generator: torch.Generator | None = None) -> torch.Tensor:
         """Initial grids (batch, C, H, W) on the module's device and dtype; ``size``: int or (H, W).
 
-        ``random=False``: zeros (the lesson's ``make_grids``). ``random=True``: uniform noise in
+        ``random=False``: zeros (the lesson's ``make_grids``); with alive masking, the growing
+        NCA's seed: zeros but the centre cell ``(H // 2, W // 2)``, whose channels
+        ``alive_channel..`` are 1. ``random=True``: uniform noise in
         [-0.5, 0.5) (``to_rgb`` shows it as uniform grey levels in [0, 1)), drawn from ``generator``
         or torch's default generator (``torch.manual_seed`` reproduces it).
         """
@@ -146,7 +200,10 @@ class NCA(nn.Module):
         p = self.w1.weight
         shape = (batch, self.channels, h, w)
         if not random:
-            return torch.zeros(shape, device=p.device, dtype=p.dtype)
+            x = torch.zeros(shape, device=p.device, dtype=p.dtype)
+            if self.alive_threshold is not None:
+                x[:, self.alive_channel:, h // 2, w // 2] = 1.0
+            return x
         x = torch.rand(shape, generator=generator, device=p.device if generator is None
                        else generator.device, dtype=torch.float32)
         return (x - 0.5).to(device=p.device, dtype=p.dtype)
@@ -158,9 +215,25 @@ class NCA(nn.Module):
             raise ValueError(f"to_rgb needs x of shape (B, C>=3, H, W), got {tuple(x.shape)}")
         return (x[:, :3] + 0.5).clamp(0.0, 1.0)
 
+    def image(self, x: torch.Tensor) -> torch.Tensor:
+        """Display image (B, 3, H, W) in [0, 1] of a state, as ``display`` says: "rgb" is
+        ``to_rgb``; "rgb/2": ``x[:3] / 2 + 0.5``; "premultiplied": RGB premultiplied by alpha
+        (channel ``alive_channel``, or 3) on white, ``1 - clamp(alpha, 0, 1) + rgb``."""
+        if x.dim() != 4 or x.shape[1] < 3:
+            raise ValueError(f"image needs x of shape (B, C>=3, H, W), got {tuple(x.shape)}")
+        if self.display == "rgb":
+            return self.to_rgb(x)
+        if self.display == "rgb/2":
+            return (x[:, :3] / 2 + 0.5).clamp(0.0, 1.0)
+        a = x[:, self.alive_channel:self.alive_channel + 1].clamp(0.0, 1.0)
+        return (1.0 - a + x[:, :3]).clamp(0.0, 1.0)
+
     def extra_repr(self) -> str:
+        opts = {k: v for k, v in self.step_options().items()
+                if v != {"padding": "circular", "alive_channel": 3, "perception_angle": 0.0}.get(k)}
+        extra = "".join(f", {k}={v!r}" for k, v in opts.items() if v is not None)
         return (f"channels={self.channels}, hidden={self.hidden}, fire_rate={self.fire_rate}, "
-                f"n_filters={self.n_filters}")
+                f"n_filters={self.n_filters}{extra}")
 
 
 def saved_tensor_bytes(fn, *args, exclude=(), **kwargs):
