@@ -107,10 +107,7 @@ def results_json(rows: list[Row], machine: dict, command: str, gate: dict | None
 def plot_ratios(rows: list[Row], path: str | Path, title: str = "") -> Path:
     """Bar chart PNG of each row's speed-up over its group's baseline (1.0 = baseline)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global backend state
     except ImportError as e:
         raise BenchError(
             "--plot needs matplotlib, which is not installed: "
@@ -120,13 +117,8 @@ def plot_ratios(rows: list[Row], path: str | Path, title: str = "") -> Path:
     if not groups:
         raise BenchError("nothing to plot: no group had its baseline variant in this run")
     heights = [0.35 * len(rs) + 0.7 for rs in groups.values()]
-    fig, axes = plt.subplots(
-        len(groups),
-        1,
-        figsize=(8, sum(heights) + 0.6),
-        squeeze=False,
-        gridspec_kw={"height_ratios": heights},
-    )
+    fig = Figure(figsize=(8, sum(heights) + 0.6))
+    axes = fig.subplots(len(groups), 1, squeeze=False, gridspec_kw={"height_ratios": heights})
     for ax, (group, rs) in zip(axes[:, 0], groups.items(), strict=True):
         ratios = [r.ratio for r in rs]
         colors = [
@@ -154,11 +146,9 @@ def plot_ratios(rows: list[Row], path: str | Path, title: str = "") -> Path:
         fig.suptitle(title, fontsize=8)
     top = 1 - (0.25 + 0.15 * title.count("\n")) / (sum(heights) + 0.6) if title else 1
     fig.tight_layout(rect=(0, 0, 1, top))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return Path(path)
 
 
 def write_json(path: str | Path, content: dict) -> Path:

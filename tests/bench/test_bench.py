@@ -166,6 +166,7 @@ def test_table_markdown_json_plot(tmp_path):
 def test_plot_without_matplotlib(monkeypatch, tmp_path):
     rows = rows_from_pytest_json(_pytest_json(MEDIANS))
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(BenchError, match=r"pip install 'fastnca\[plot\]'"):
         bench_report.plot_ratios(rows, tmp_path / "r.png")
     assert main(["bench", "--plot", str(tmp_path / "x.png")]) == 2

@@ -14,6 +14,7 @@ from typing import TextIO
 import torch
 
 from fastnca._checks import check_int
+from fastnca._plot import plot_losses
 from fastnca.train.callbacks.core import MetricsCB
 from fastnca.train.learner import Callback, is_main_process
 
@@ -24,8 +25,8 @@ class ProgressCB(Callback):
     """Progress per epoch: batches done, running mean loss, batches/s.
 
     ``plot``: a path; the training loss per batch is saved there as a PNG after every training
-    epoch (needs matplotlib: ``pip install fastnca[plot]``). With a MetricsCB, its per-epoch dicts
-    are printed as table rows. ``self.losses``: the training losses seen (floats). Prints only on
+    epoch (``fastnca._plot.plot_losses``). With a MetricsCB, its per-epoch dicts are printed as
+    table rows. ``self.losses``: the training losses seen (floats). Prints only on
     the main process.
     """
 
@@ -144,17 +145,5 @@ class ProgressCB(Callback):
             vars(self._metrics).pop("_log", None)  # back to MetricsCB's own printing
 
     def save_plot(self, path: str | os.PathLike) -> None:
-        """Save the training loss per batch as a PNG (matplotlib)."""
-        try:
-            from matplotlib.figure import Figure  # no pyplot: no global backend state
-        except ImportError as e:
-            raise ImportError("ProgressCB(plot=...) needs matplotlib: pip install 'fastnca[plot]'"
-                              ) from e
-        fig = Figure(figsize=(6, 3.5))
-        ax = fig.subplots()
-        ax.plot(range(len(self.losses)), self.losses, lw=1)
-        ax.set_xlabel("training batch")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log" if self.losses and min(self.losses) > 0 else "linear")
-        fig.tight_layout()
-        fig.savefig(path)
+        """Save the training loss per batch as a PNG (log scale, running mean)."""
+        plot_losses(self.losses, path, xlabel="training batch")
