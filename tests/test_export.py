@@ -147,6 +147,17 @@ def test_page_matches_pytorch_growing_model(tmp_path):
 
 
 @needs_chromium
+@pytest.mark.parametrize("c,hidden,nf", [(3, 1, 1), (5, 7, 2)])
+def test_page_matches_pytorch_odd_sizes(tmp_path, c, hidden, nf):
+    # Channel and hidden counts that are not multiples of 4, one or two random filters.
+    model = randomize(NCA(c, hidden, 0.5, torch.randn(nf, 3, 3) * 0.3, bias2=True), s1=0.05)
+    page = export_html(model, tmp_path / "nca.html")
+    got = read_state(run_headless(page, "test=8&seed=1&size=12x10"))
+    want = torch_steps(model, hash_state(1, c, 12, 10), 8, seed=1)
+    assert (got - want).abs().max().item() <= PARITY_ATOL
+
+
+@needs_chromium
 def test_page_says_so_without_webgl2(tmp_path):
     page = export_html(NCA.fastai(), tmp_path / "nca.html")
     dom = run_headless(page, "test=1", extra_flags=("--disable-3d-apis",))
