@@ -22,7 +22,12 @@ from torch import nn
 from torch.library import triton_op
 
 from fastnca.kernels.gram import gram_bwd, gram_fwd, style_fwd
-from fastnca.ops._checks import check_same_device, check_tensor
+from fastnca.ops._checks import (
+    check_channels,
+    check_loss_weight,
+    check_same_device,
+    check_tensor,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Registered ops (CUDA path; on CPU tensors they run the kernels through the Triton interpreter).
@@ -85,6 +90,35 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Blocked CPU reduction for float32 Grams over many pixels. One float32 gemm over N = H*W terms
+# lost 0.3% (C=4, N=2^24) and more as N grows; instead the N axis is cut into blocks of
+# K = max(GRAM_BLOCK, C) columns, each block's (C, C) product is one float32 gemm (error at most
+# about K * 2^-24 of sum_k |f_ik f_jk| in the worst case, ~sqrt(K) * 2^-24 typically) and the
+# blocks are summed in float64 (error ~ (N / K) * 2^-53, negligible). The partial products take
+# at most the input's memory (K >= C). Measured on a 2-core CPU at C=4, N=2^24, one thread: 170 ms
+# before, 76 ms after (the blocked form also runs faster); max relative error 3e-3 -> 2e-8.
+GRAM_BLOCK = 4096
+
+
+def _gram_sum(m: torch.Tensor) -> torch.Tensor:
+    """sum_k m[:, i, k] m[:, j, k] for m: (B, C, N) in float32/float64 -> (B, C, C), same dtype.
+
+    float32 on the CPU with N > K (K = max(GRAM_BLOCK, C)): blocked float32 gemms with float64
+    block sums (see GRAM_BLOCK), so the error does not grow with N. Otherwise one bmm.
+    """
+    B, C, N = m.shape
+    K = max(GRAM_BLOCK, C)
+    if m.dtype != torch.float32 or m.device.type != "cpu" or N <= K:
+        return torch.bmm(m, m.transpose(1, 2))
+    n = N // K
+    x = m[..., : n * K].reshape(B, C, n, K).transpose(1, 2)  # (B, n, C, K)
+    acc = torch.matmul(x, x.transpose(-1, -2)).to(torch.float64).sum(1)  # (B, C, C)
+    if N > n * K:
+        r = m[..., n * K :]
+        acc = acc + torch.bmm(r, r.transpose(1, 2)).to(torch.float64)
+    return acc.to(m.dtype)
+
+
 class _GramComposite(torch.autograd.Function):
     """G = F Fᵀ / N in float32 (float64 for float64), returned in f's dtype."""
 
@@ -93,7 +127,7 @@ class _GramComposite(torch.autograd.Function):
         B, C, H, W = f.shape
         m = f.reshape(B, C, H * W).to(_acc(f.dtype))
         ctx.save_for_backward(f)
-        return (torch.bmm(m, m.transpose(1, 2)) / (H * W)).to(f.dtype)
+        return (_gram_sum(m) / (H * W)).to(f.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -113,8 +147,11 @@ class _StyleLossComposite(torch.autograd.Function):
         B, C, H, W = f.shape
         acc = _acc(f.dtype)
         m = f.reshape(B, C, H * W).to(acc)
-        d = torch.baddbmm(target.to(acc).expand(B, C, C), m, m.transpose(1, 2), beta=-1,
-                          alpha=1.0 / (H * W))
+        if m.device.type == "cpu" and acc == torch.float32 and H * W > max(GRAM_BLOCK, C):
+            d = _gram_sum(m) / (H * W) - target.to(acc)  # accurate for many pixels
+        else:
+            d = torch.baddbmm(target.to(acc).expand(B, C, C), m, m.transpose(1, 2), beta=-1,
+                              alpha=1.0 / (H * W))
         ctx.save_for_backward(f, d)
         return d.square().mean()
 
@@ -153,6 +190,7 @@ def as_layers(name: str, x) -> list:
 
 def check_feature(name: str, f) -> None:
     check_tensor(name, f, ndim=4)
+    check_channels(name, f)
     if f.shape[2] < 1 or f.shape[3] < 1:
         raise ValueError(f"{name} must have H, W >= 1, got shape {tuple(f.shape)}")
 
@@ -202,6 +240,13 @@ def gram(f: torch.Tensor, batch_sum: bool = False) -> torch.Tensor:
     Returns:
         (B, C, C) (or (C, C) with ``batch_sum``) in f's dtype; accumulated in float32 (float64 for
         float64). Differentiable with respect to ``f``.
+
+    Error bound (CPU, float32/half inputs): for H*W <= K = max(4096, C) one float32 gemm, error
+    at most about ``H*W * 2^-24 * sum_k |f_ik f_jk| / (H*W)``; for more pixels a blocked sum (K
+    pixels per float32 block, blocks added in float64), so the bound stops growing with H*W:
+    ``|G_ij - exact| <= (K * 2^-24 + H*W / K * 2^-53) * sum_k |f_ik f_jk| / (H*W)`` plus the final
+    rounding to f's dtype (typical errors ~1e-8 relative at H*W = 2^24, where one gemm gave 3e-3).
+    float64 inputs are summed in float64 (bound ``H*W * 2^-53``).
     """
     check_feature("f", f)
     g = torch.ops.fastnca.gram(f) if _triton_path(f) else gram_composite(f)
@@ -237,6 +282,8 @@ def style_loss(feats, targets, weights=None) -> torch.Tensor:
     for l, (f, t) in enumerate(zip(feats, targets, strict=True)):
         check_feature(f"feats[{l}]", f)
         _check_target(l, t, f)
+        if ws is not None:
+            check_loss_weight(f"weights[{l}]", ws[l], f.device)
         term = _style_layer(f, t.detach())
         if ws is not None:
             term = term * ws[l]
@@ -262,6 +309,8 @@ class StyleLoss(nn.Module):
             self.register_buffer(f"target_{l}", t.detach().clone())
         self.n_layers = len(targets)
         ws = layer_weights(weights, len(targets), what="targets")
+        for l, w in enumerate(ws or ()):
+            check_loss_weight(f"weights[{l}]", w, targets[l].device)
         self.weights = None if ws is None else [float(w) for w in ws]
 
     @classmethod

@@ -29,7 +29,12 @@ import torch.utils.checkpoint
 from torch.library import triton_op
 
 from fastnca.kernels.nca_step import nca_step_bwd, nca_step_fwd
-from fastnca.ops._checks import check_filters, check_same_device, check_tensor
+from fastnca.ops._checks import (
+    check_filters,
+    check_real_device,
+    check_same_device,
+    check_tensor,
+)
 from fastnca.reference import DEFAULT_FILTERS, circular_pad1, perceive_shifts
 
 # ---------------------------------------------------------------------------------------- CUDA
@@ -273,6 +278,7 @@ def _dense_checkpointed(*args):
 def _as_matrix(name, w):
     # Accept the lesson's 1x1 conv weights (out, in, 1, 1) as well as (out, in).
     if isinstance(w, torch.Tensor) and w.dim() == 4 and tuple(w.shape[2:]) == (1, 1):
+        check_tensor(name, w)  # the conv layout too: floating weights only
         return w.flatten(1)
     check_tensor(name, w, ndim=2)
     return w
@@ -280,6 +286,7 @@ def _as_matrix(name, w):
 
 def _check(x, w1, b1, w2, b2, mask, fire_rate, filters):
     check_tensor("x", x, ndim=4)
+    check_real_device("x", x, "nca_step")
     B, C, H, W = x.shape
     if H < 1 or W < 1:
         raise ValueError(f"x must have H, W >= 1, got shape {tuple(x.shape)}")

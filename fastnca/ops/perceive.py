@@ -15,7 +15,7 @@ from torch import nn
 from torch.library import triton_op
 
 from fastnca.kernels.perceive import perceive_bwd, perceive_fwd
-from fastnca.ops._checks import check_filters, check_tensor
+from fastnca.ops._checks import check_channels, check_filters, check_real_device, check_tensor
 from fastnca.reference import DEFAULT_FILTERS, circular_pad1
 
 
@@ -67,6 +67,8 @@ def perceive(x: torch.Tensor, filters: torch.Tensor | None = None) -> torch.Tens
         Differentiable with respect to ``x`` (not ``filters``: the bank is fixed, as in the lesson).
     """
     check_tensor("x", x, ndim=4)
+    check_real_device("x", x, "perceive")
+    check_channels("x", x)
     if filters is None:
         filters = DEFAULT_FILTERS.to(x.device)
     check_filters(filters, x)
