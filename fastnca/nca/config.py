@@ -2,7 +2,9 @@
 
 ``ARCHITECTURES``: the model shapes (``NCA.fastai()`` is "lesson", ``NCA.texture()`` "texture").
 ``PRESETS``: full training recipes; "quick" is the :class:`TrainConfig` defaults. ``make_config``
-gives a validated config from a preset and overrides.
+gives a validated config from a preset and overrides, within the limits of a texture run (grid
+side >= 16, channels >= 3, iters <= 10^6, seed < 2^63, and an estimated memory use within half of
+this machine's RAM: ``memory_parts``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from fastnca._checks import check_int
+from fastnca._memory import check_memory
 from fastnca.reference import DEFAULT_FILTERS, DISTILL_FILTERS
 
 FILTER_BANKS = {"lesson": DEFAULT_FILTERS, "distill": DISTILL_FILTERS}
@@ -52,6 +55,30 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Upper bounds, each with its reason (in the error message).
+MIN_SIZE = 16
+MAX_ITERS = 10**6
+ITERS_WHY = " (the loss curve keeps one number per iteration in memory and in checkpoint.pt)"
+MAX_SEED = 2**63 - 1
+SEED_WHY = " (torch.manual_seed takes a 64-bit integer)"
+VGG_FLOATS_PER_PIXEL = 600  # float32 activations kept for backward per input pixel, relu1_1..5_1
+
+
+def memory_parts(cfg: TrainConfig) -> dict[str, float]:
+    """Bytes of the large buffers of one training iteration (float32), by part.
+
+    pool: (pool, C, S, S); rollout: what backward keeps per NCA step, the state and a 1-byte
+    mask, (batch, C, S, S) * 4 + (batch, 1, S, S), times max_steps; step: one step's perception
+    and hidden activations, (batch, 4C + hidden, S, S); features: the style network's activations
+    kept for backward, about VGG_FLOATS_PER_PIXEL floats per pixel of the batch.
+    """
+    px = float(cfg.size) ** 2
+    return {"pool": 4 * cfg.pool * cfg.channels * px,
+            "rollout": cfg.max_steps * cfg.batch * (4 * cfg.channels + 1) * px,
+            "step": 4 * cfg.batch * (4 * cfg.channels + cfg.hidden) * px,
+            "features": 4 * cfg.batch * VGG_FLOATS_PER_PIXEL * px}
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on (saved as config.json). The defaults are the "quick" preset;
@@ -89,11 +116,12 @@ class TrainConfig:
     texture: str | None = "stripes"  # the built-in texture used when style is None
 
     def validate(self) -> TrainConfig:
-        for k in ("size", "channels", "hidden", "pool", "batch", "min_steps", "max_steps",
-                  "iters"):
+        for k in ("size", "channels", "hidden", "pool", "batch", "min_steps", "max_steps"):
             v = getattr(self, k)
             check_int(k, v, 1)
-        for k in ("seed_every", "save_every", "seed", "threads"):
+        check_int("iters", self.iters, 1, MAX_ITERS, why=ITERS_WHY)
+        check_int("seed", self.seed, 0, MAX_SEED, why=SEED_WHY)
+        for k in ("seed_every", "save_every", "threads"):
             v = getattr(self, k)
             check_int(k, v, 0)
         if self.min_steps > self.max_steps:
@@ -123,6 +151,19 @@ class TrainConfig:
         self.layers = tuple(self.layers)
         return self
 
+    def check_texture_run(self) -> TrainConfig:
+        """The limits of a texture-training run (beyond :meth:`validate`, which unit tests of the
+        NCA callback also use with toy sizes): RGB needs channels >= 3, the style features need
+        a grid of at least MIN_SIZE cells, and the job must fit in memory (``memory_parts``)."""
+        check_int("channels", self.channels, 3, why=" (RGB is read from channels 0..2)")
+        check_int("size", self.size, MIN_SIZE,
+                  why=f" (the VGG16 style features pool 4 times: {MIN_SIZE} cells -> 1 at relu5_1)")
+        check_memory(f"training {self.size}x{self.size} grids (pool {self.pool}, batch "
+                     f"{self.batch}, {self.channels} channels, {self.hidden} hidden, up to "
+                     f"{self.max_steps} steps)", memory_parts(self),
+                     "lower size, pool, batch, max_steps, channels or hidden")
+        return self
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["lr_milestones"], d["layers"] = list(self.lr_milestones), list(self.layers)
@@ -139,4 +180,4 @@ def make_config(preset: str = "quick", **overrides) -> TrainConfig:
         raise TypeError(f"unknown training option(s) {unknown}; expected some of {sorted(fields)}")
     values = dict(PRESETS[preset], preset=preset)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values).validate()
+    return TrainConfig(**values).validate().check_texture_run()

@@ -10,8 +10,11 @@ Weights, in order of preference (the choice is printed and kept in ``.source``):
 1. an explicit ``weights=PATH`` (a state dict, loaded with ``torch.load(weights_only=True)``);
    a file the user names always wins;
 2. torchvision's ImageNet weights, from the torch hub cache (``$TORCH_HOME/hub/checkpoints``) or
-   downloaded into it (a connection that does not answer within ``timeout`` seconds is given up;
-   ``FASTNCA_OFFLINE=1`` skips the download entirely);
+   downloaded into it once (528 MB): a connection or read silent for ``timeout`` seconds is given
+   up, and so is the whole download after ``deadline`` seconds (default 600, environment
+   ``FASTNCA_DOWNLOAD_DEADLINE``); a progress line goes to stderr; the partial file is removed on
+   any failure (and stale ones of killed downloads on the next try). ``FASTNCA_OFFLINE=1`` never
+   downloads (nor does ``weights="random"`` or a weights file);
 3. the offline fallback: random multi-scale shallow convolutional features (Ustyuzhaninov et al.,
    2017, "What does it take to generate natural textures?", ICLR: one layer of random filters of
    many sizes, ReLU, Gram matrices). Every requested index gets one fixed random filter bank
@@ -26,11 +29,14 @@ Weights, in order of preference (the choice is printed and kept in ``.source``):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import stat
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -127,26 +133,91 @@ def _urlopen(url: str, timeout: float):
     return box["r"]
 
 
-def download_weights(url: str, dest: Path, timeout: float = 5.0) -> Path:
-    """Download ``url`` to ``dest`` (temp file + os.replace), giving up on a silent connection.
+DEFAULT_DEADLINE = 600.0  # seconds for the whole VGG16 download (528 MB)
+OFFLINE_ENV, DEADLINE_ENV = "FASTNCA_OFFLINE", "FASTNCA_DOWNLOAD_DEADLINE"
 
-    ``timeout`` bounds the connect and every read, so a dead network fails within seconds instead of
-    hanging. A file name of the torchvision form ``name-<sha256 prefix>.pth`` is hash-checked.
+
+def offline() -> bool:
+    """True when ``FASTNCA_OFFLINE`` is set to anything but "" or "0": fastnca downloads nothing."""
+    return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+
+
+def _default_deadline() -> float:
+    try:
+        v = float(os.environ.get(DEADLINE_ENV, DEFAULT_DEADLINE))
+    except ValueError:
+        v = DEFAULT_DEADLINE
+    return v if v > 0 else DEFAULT_DEADLINE
+
+
+def _remove_stale_parts(dest: Path, older_than: float) -> None:
+    """Partial files of downloads that were killed (``.NAME.*.part`` untouched for a while)."""
+    now = time.time()
+    for f in dest.parent.glob(f".{dest.name}.*.part"):
+        with contextlib.suppress(OSError):
+            if now - f.stat().st_mtime > older_than:
+                f.unlink()
+
+
+class _Progress:
+    """One progress line on stderr: rewritten in place on a terminal, else a line every 10 s."""
+
+    def __init__(self, verbose: bool, total: int | None, what: str):
+        self.verbose, self.total, self.what = verbose, total, what
+        self.tty = verbose and sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, done: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.verbose or (not final and now - self.last < (0.5 if self.tty else 10.0)):
+            return
+        self.last = now
+        mb = f"{done / 2**20:.0f}"
+        frac = f"/{self.total / 2**20:.0f} MB ({100 * done / self.total:.0f}%)" if self.total \
+            else " MB"
+        end = ("\n" if final else "") if self.tty else "\n"
+        print(f"{chr(13) if self.tty else ''}fastnca.style.features: {self.what}: {mb}{frac}",
+              end=end, file=sys.stderr, flush=True)
+
+
+def download_weights(url: str, dest: Path, timeout: float = 5.0, deadline: float | None = None,
+                     verbose: bool = False) -> Path:
+    """Download ``url`` to ``dest`` (temp ``.part`` file + os.replace), never hanging.
+
+    ``timeout`` bounds the connect and every read, ``deadline`` (default ``DEFAULT_DEADLINE`` s or
+    ``$FASTNCA_DOWNLOAD_DEADLINE``) the whole download, so a dead or trickling network fails
+    instead of hanging. With ``verbose`` a progress line goes to stderr. On any failure (timeout,
+    deadline, hash mismatch, Ctrl-C) the partial file is removed. A file name of the torchvision
+    form ``name-<sha256 prefix>.pth`` is hash-checked.
     """
+    deadline = _default_deadline() if deadline is None else float(deadline)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(dest, older_than=deadline + 60)
+    end = time.monotonic() + deadline
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
         sha = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, _urlopen(url, timeout) as r:
-            while chunk := r.read(1 << 20):
+        with os.fdopen(fd, "wb") as f, _urlopen(url, min(timeout, deadline)) as r:
+            size = r.headers.get("Content-Length") if hasattr(r, "headers") else None
+            total = int(size) if size and size.isdigit() else None
+            show, done = _Progress(verbose, total, f"downloading {dest.name}"), 0
+            read = getattr(r, "read1", r.read)  # one socket read at a time: the deadline holds
+            while chunk := read(1 << 16):
                 sha.update(chunk)
                 f.write(chunk)
+                done += len(chunk)
+                show(done)
+                if time.monotonic() > end:
+                    raise TimeoutError(f"download of {url} not finished within {deadline:g}s "
+                                       f"({done / 2**20:.1f} MB received); set "
+                                       f"{DEADLINE_ENV}=SECONDS to allow longer")
+            show(done, final=True)
         prefix = dest.stem.rsplit("-", 1)[-1] if "-" in dest.stem else ""
         if len(prefix) >= 8 and not sha.hexdigest().startswith(prefix):
             raise OSError(f"downloaded {url} has sha256 {sha.hexdigest()[:8]}, expected {prefix}")
         os.replace(tmp, dest)
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return dest
 
@@ -156,6 +227,9 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.is_dir() or not path.exists():
         raise ValueError(f"weights: {str(path)!r} is not a file; expected a VGG16 state-dict file "
                          f"(.pth), 'auto', 'imagenet' or 'random'")
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or device could block torch.load forever
+        raise ValueError(f"weights: {str(path)!r} is not a regular file (a FIFO, device or "
+                         f"socket); expected a VGG16 state-dict file (.pth)")
     try:
         try:  # memory-map: the classifier (~0.5 GB of the torchvision file) is never read
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -305,12 +379,13 @@ class VGG16Features(nn.Module):
         ckpt = hub_checkpoint_path()
         why = f"no {ckpt.name} in the torch hub cache {ckpt.parent}"
         if not ckpt.is_file():
-            if os.environ.get("FASTNCA_OFFLINE", "") not in ("", "0"):
-                why += " and FASTNCA_OFFLINE is set"
+            if offline():
+                why += f" and {OFFLINE_ENV} is set"
             else:
-                _say(verbose, f"downloading {VGG16_URL} to {ckpt} (timeout {timeout:g}s)")
+                _say(verbose, f"downloading {VGG16_URL} to {ckpt} (timeout {timeout:g}s, at "
+                              f"most {_default_deadline():g}s in all; {OFFLINE_ENV}=1 skips this)")
                 try:
-                    download_weights(VGG16_URL, ckpt, timeout=timeout)
+                    download_weights(VGG16_URL, ckpt, timeout=timeout, verbose=verbose)
                 except (OSError, ValueError) as e:  # URLError, timeouts, refused, hash mismatch
                     why += f" and the download failed ({type(e).__name__}: {e})"
         if ckpt.is_file():

@@ -1,12 +1,18 @@
 """Image files in and out: load as (1, 3, H, W) float in [0, 1], save PNG atomically, grids.
 
-Every problem with an input file (missing, a directory, unreadable, not an image, truncated, too
-large) raises ``ImageError`` (a ``ValueError``) with a one-line message naming the file, so the CLI
-can print it and exit 2.
+Every problem with an input file (missing, a directory, a FIFO/device/socket, unreadable, not an
+image, truncated, too large, too small for the style features after resizing) raises ``ImageError``
+(a ``ValueError``) with a one-line message naming the file, so the CLI can print it and exit 2.
+
+Small images are refused, not upscaled: when ``load_image`` is given a ``size`` (images for the
+VGG16 features of train and stylize), the shorter side after resizing must be at least
+``MIN_SIDE`` = 16 px (relu5_1 is 1/16 of the input), and the message says which ``size`` would do.
 """
 
 from __future__ import annotations
 
+import math
+import stat
 import sys
 import warnings
 from collections.abc import Sequence
@@ -22,6 +28,24 @@ from fastnca._io import atomic_path
 
 class ImageError(ValueError):
     """An image file that cannot be used; the message is one line and names the file."""
+
+
+MIN_SIDE = 16  # smallest image side the style features take: relu5_1 is 1/16 of the input
+
+
+def check_min_side(name: str, w: int, h: int, size: int | None, orig=None) -> None:
+    """Refuse a (w x h) image whose shorter side is under MIN_SIDE px (one line, what to do)."""
+    if min(w, h) >= MIN_SIDE:
+        return
+    ow, oh = orig or (w, h)
+    if min(ow, oh) < MIN_SIDE:
+        fix = f"use an image at least {MIN_SIDE} px on each side"
+    else:
+        need = math.ceil(MIN_SIDE * max(ow, oh) / min(ow, oh))
+        fix = f"crop it nearer to square or use a size of at least {need}"
+    when = f" after resizing to size {size}" if size is not None and (w, h) != (ow, oh) else ""
+    raise ImageError(f"{name} is {w}x{h} px{when}: its shorter side is under {MIN_SIDE} px, the "
+                     f"smallest the style features take (VGG16 pools 4 times); {fix}")
 
 
 def _to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
@@ -48,7 +72,9 @@ def load_image(path, size: int | None = None, *, verbose: bool = True) -> torch.
 
     Grayscale, palette, CMYK and RGBA become RGB (alpha over white); JPEG EXIF rotation is applied.
     If ``size`` is given and the longer side exceeds it, the image is resized (Lanczos, aspect kept)
-    so that the longer side is ``size``, and a message says so.
+    so that the longer side is ``size``, and a message says so; with ``size`` the shorter side
+    must then be at least ``MIN_SIDE`` px (``ImageError`` otherwise). Only regular files are
+    opened: a FIFO, device or socket is refused before opening (reading it could block forever).
     """
     p = Path(path).expanduser()
     if size is not None:
@@ -57,6 +83,13 @@ def load_image(path, size: int | None = None, *, verbose: bool = True) -> torch.
         raise ImageError(f"{str(p)!r}: no such file")
     if p.is_dir():
         raise ImageError(f"{str(p)!r} is a directory, expected an image file (PNG or JPEG)")
+    try:
+        mode = p.stat().st_mode
+    except OSError as e:
+        raise ImageError(f"{str(p)!r}: cannot stat ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{str(p)!r} is not a regular file (a FIFO, device or socket); expected "
+                         f"an image file (PNG or JPEG)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -81,10 +114,13 @@ def load_image(path, size: int | None = None, *, verbose: bool = True) -> torch.
     if size is not None and max(w, h) > size:
         s = size / max(w, h)
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        check_min_side(repr(str(p)), nw, nh, size, (w, h))
         rgb = rgb.resize((nw, nh), Image.LANCZOS, reducing_gap=3.0)
         if verbose:
             print(f"fastnca: resized {p.name} from {w}x{h} to {nw}x{nh} (size {size})",
                   file=sys.stderr, flush=True)
+    elif size is not None:
+        check_min_side(repr(str(p)), w, h, size)
     a = np.asarray(rgb, dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float().div_(255.0)
 

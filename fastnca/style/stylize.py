@@ -12,6 +12,7 @@ phi = VGG16Features (one forward for the union of the layers), gram(f) = F Fᵀ 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from fastnca._checks import check_int
 from fastnca.losses import content_loss
 from fastnca.ops import StyleLoss, gram
 from fastnca.style.features import VGG16Features, layer_index
-from fastnca.style.images import image_grid, load_image, save_image
+from fastnca.style.images import check_min_side, image_grid, load_image, save_image
 from fastnca.train.callbacks import DeviceCB, MixedPrecision, ProgressCB
 from fastnca.train.data import dummy_dls
 from fastnca.train.learner import Callback, Learner, TrainCB
@@ -174,7 +175,9 @@ def _as_image(x, name: str, size: int | None, verbose: bool) -> torch.Tensor:
     """A path or a (1, 3, H, W) / (3, H, W) tensor in [0, 1] -> (1, 3, H, W) float32 on the CPU,
     the longer side at most ``size``."""
     if isinstance(x, (str, os.PathLike)):
-        return load_image(Path(x), size=size, verbose=verbose)
+        img = load_image(Path(x), size=size, verbose=verbose)
+        check_min_side(f"{name} {str(x)!r}", img.shape[-1], img.shape[-2], size)
+        return img
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{name}: expected an image path or a float tensor (1, 3, H, W) in [0, 1], "
                         f"got {getattr(x, 'dtype', type(x).__name__)}")
@@ -190,6 +193,7 @@ def _as_image(x, name: str, size: int | None, verbose: bool) -> torch.Tensor:
         if verbose:
             print(f"fastnca: resized {name} from {w}x{h} to {nw}x{nh} (size {size})",
                   file=sys.stderr, flush=True)
+    check_min_side(name, t.shape[-1], t.shape[-2], size, (w, h))
     return t.clamp(0, 1)
 
 
@@ -207,21 +211,21 @@ def stylize(content, style, steps: int = 150, lr: float = 0.05,
     side is at most ``size`` (None: as they are). The result has the content's size.
     init: "content" (start from the content image) or "random" (uniform noise, seeded).
     features: a VGG16Features holding at least the content and style layers (default: one built
-    with ``weights``, see fastnca.style.features). amp: False, True/"bf16" or "fp16" (autocast for the
-    feature extractor and losses); compile: torch.compile the loss (features + Grams) with
+    with ``weights``, see fastnca.style.features). amp: False, True/"bf16" or "fp16" (autocast for
+    the feature extractor and losses); compile: torch.compile the loss (features + Grams) with
     fullgraph=True (True: inductor; a string: that backend). The loss, not the model, is compiled:
     the model only returns its parameter (CompileCB in ``cbs`` would compile that instead).
     log_every/log_path: an ImageLogCB (snapshots every N steps, grid saved to log_path).
     Returns the stylized image, (1, 3, H, W) float32 in [0, 1] on the CPU.
     """
     check_int('steps', steps, 1)
-    if not lr > 0:
-        raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr: expected a positive finite learning rate, got {lr!r}")
     if init not in ("content", "random"):
         raise ValueError(f"init: expected 'content' or 'random', got {init!r}")
     for name, w in (("style_weight", style_weight), ("content_weight", content_weight)):
-        if not w >= 0:
-            raise ValueError(f"{name}: expected a number >= 0, got {w!r}")
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {w!r}")
     content_img = _as_image(content, "content", size, verbose)
     style_img = _as_image(style, "style", size, verbose)
     dev = torch.device(device) if device is not None else (

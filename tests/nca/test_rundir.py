@@ -13,7 +13,7 @@ from fastnca.nca.rundir import RunLock
 LEGACY = Path(__file__).resolve().parents[1] / "data" / "legacy_v1_run"
 LEGACY_CURVE = [0.8720821142196655, 0.8707133531570435, 0.8691510558128357, 0.8663250803947449,
                 0.8612585663795471]  # the old version's own 5-iteration run (see SOURCE.md)
-TINY = dict(size=12, channels=4, hidden=8, pool=4, batch=2, min_steps=2, max_steps=3,
+TINY = dict(size=16, channels=4, hidden=8, pool=4, batch=2, min_steps=2, max_steps=3,
             weights="random", layers=(1,), save_every=0)
 KW = dict(progress=False, gif_frames=1, gif_steps_per_frame=1)
 

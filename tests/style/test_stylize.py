@@ -144,7 +144,7 @@ def test_stylize_bad_arguments(feats, tmp_path):
     for kwargs, match in [(dict(steps=0), "steps: expected a positive int"),
                           (dict(lr=0.0), "lr: expected a positive"),
                           (dict(init="zeros"), "init: expected 'content' or 'random'"),
-                          (dict(style_weight=-1.0), "style_weight: expected a number >= 0")]:
+                          (dict(style_weight=-1.0), "style_weight: expected a finite number >= 0")]:
         with pytest.raises(ValueError, match=match):
             stylize(c, c, features=feats, verbose=False, **kwargs)
     with pytest.raises(ValueError, match="no such file"):
