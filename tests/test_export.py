@@ -13,6 +13,7 @@ import base64
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,10 +28,12 @@ from fastnca.nca.export import (
     hash_state,
     read_state,
     run_headless,
+    seed_state,
 )
 from fastnca.reference import nca_step_ref
 
 PARITY_ATOL = 1e-4
+DATA = Path(__file__).parent / "data"
 STEPS, H, W = 64, 24, 40  # non-square, so a transposed layout fails
 TEXTURE_CLIP = {
     "perception": (-2.0, 2.0),
@@ -155,6 +158,26 @@ def test_page_matches_pytorch_odd_sizes(tmp_path, c, hidden, nf):
     got = read_state(run_headless(page, "test=8&seed=1&size=12x10"))
     want = torch_steps(model, hash_state(1, c, 12, 10), 8, seed=1)
     assert (got - want).abs().max().item() <= PARITY_ATOL
+
+
+@needs_chromium
+@pytest.mark.parametrize(
+    "file,name,init",
+    [("ex3_1f98e_lizard.json", None, "centre"), ("textures_subset.json", "bubbly_0101", "zeros")],
+)
+def test_page_matches_pytorch_published_models(tmp_path, file, name, init):
+    # The Distill authors' own models (tests/data/SOURCE.md) from their own seeds: the lizard
+    # grows from one cell (zero padding, alive masking), bubbly from zeros (clipping, rgb/2).
+    model = NCA.from_distill(DATA / file, name)
+    page = export_html(model, tmp_path / "nca.html")
+    d = _data(page.read_text())
+    assert d["display"] == ("premultiplied" if init == "centre" else "rgb/2")
+    got = read_state(run_headless(page, f"test={STEPS}&seed=2&size={H}x{W}&init={init}"))
+    x0 = seed_state(init, model.channels, H, W)
+    want = torch_steps(model, x0, STEPS, seed=2)
+    assert (want - x0).abs().max() > 0.1
+    diff = (got - want).abs().max().item()
+    assert diff <= PARITY_ATOL, f"{file}: page vs PyTorch max abs diff {diff:.3g} after 64 steps"
 
 
 @needs_chromium

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastnca.cli._common import UsageError, first_line, positive_int
 
-DISPLAYS = ("auto", "rgb", "premultiplied")
+DISPLAYS = ("auto", "rgb", "rgb/2", "premultiplied")
 SEEDS = ("auto", "zeros", "centre", "noise")
 
 
@@ -67,8 +67,8 @@ def add_parser(sub):
         "--display",
         choices=DISPLAYS,
         default="auto",
-        help="auto (default: premultiplied RGBA on white for growing models, else "
-        "the state's RGB + 0.5), rgb or premultiplied",
+        help="auto (default: the model's own; growing models premultiplied RGBA on white), "
+        "rgb (x[:3] + 0.5), rgb/2 (x[:3] / 2 + 0.5) or premultiplied",
     )
     p.add_argument(
         "--seed-state",

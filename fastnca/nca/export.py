@@ -32,6 +32,7 @@ import torch
 TEMPLATE = Path(__file__).with_name("viewer.html")
 LIMITS = {"channels": (3, 64), "hidden": (1, 512), "filters": (1, 16)}  # inclusive ranges
 CLIP_KEYS = ("perception", "hidden", "update", "state")
+DISPLAYS = ("rgb", "rgb/2", "premultiplied")  # x[:3] + 0.5, x[:3] / 2 + 0.5, RGBA on white
 NOISE_SALT = 0xA511E9B3
 _DATA_RE = re.compile(r"/\*NCA_DATA\*/.*?/\*END_NCA_DATA\*/", re.S)
 
@@ -70,6 +71,20 @@ def hash_state(seed: int, channels: int, H: int, W: int) -> torch.Tensor:
     h = hash32(hc[:, None] ^ np.arange(H * W, dtype=np.uint32)[None])  # (C, H*W)
     v = (h >> np.uint32(8)).astype(np.float32) / np.float32(1 << 24) - np.float32(0.5)
     return torch.from_numpy(v.reshape(1, channels, H, W))
+
+
+def seed_state(kind: str, channels: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
+    """The page's state after a reset (or ``#test=N&init=KIND``): (1, C, H, W) float32.
+    "zeros"; "centre": zeros with channels 3.. of cell (H // 2, W // 2) set to 1 (the growing
+    NCA's seed); "noise": ``hash_state(seed, ...)``."""
+    if kind == "noise":
+        return hash_state(seed, channels, H, W)
+    x = torch.zeros(1, channels, H, W)
+    if kind == "centre":
+        x[0, 3:, H // 2, W // 2] = 1.0
+    elif kind != "zeros":
+        raise ValueError(f"kind must be 'zeros', 'centre' or 'noise', got {kind!r}")
+    return x
 
 
 # ----------------------------------------------------------------------------- the model's data
@@ -136,8 +151,9 @@ def page_data(
 ) -> dict:
     """The JSON the page is filled with; raises ValueError (one line) for a model it cannot run.
 
-    grid: default grid, int or (H, W); display: "auto" (premultiplied on white for growing
-    models, else ``to_rgb``), "rgb" or "premultiplied"; seed: "auto" (the centre cell for growing
+    grid: default grid, int or (H, W); display: "auto" (the model's ``display``; else
+    premultiplied on white for growing models, else ``to_rgb``) or one of ``DISPLAYS``; seed:
+    "auto" (the centre cell for growing
     models, else zeros), "zeros", "centre" or "noise".
     """
     for attr in ("channels", "hidden", "filters", "w1", "w2", "fire_rate"):
@@ -172,9 +188,9 @@ def page_data(
     if thr is not None and not 0 <= ac < C:
         raise ValueError(f"model: alive_channel {ac} is not one of the {C} channels")
     if display == "auto":
-        display = "rgb" if thr is None else "premultiplied"
-    if display not in ("rgb", "premultiplied"):
-        raise ValueError(f"display must be 'auto', 'rgb' or 'premultiplied', got {display!r}")
+        display = getattr(model, "display", None) or ("rgb" if thr is None else "premultiplied")
+    if display not in DISPLAYS:
+        raise ValueError(f"display must be 'auto' or one of {DISPLAYS}, got {display!r}")
     if display == "premultiplied" and not 0 <= ac < C:
         raise ValueError(f"display 'premultiplied' needs alive_channel < {C}, got {ac}")
     if seed == "auto":
