@@ -11,7 +11,8 @@ The max-pool wraps for circular padding and ignores cells outside the grid for z
 CPU: ``fastnca::nca_step_cpu_options`` and its backward, the fired-cells-only MLP of the plain CPU
 op with the options added. It returns the alive mask ``pre & post`` (bool, 1 byte per cell) besides
 the new state, and backward keeps x, the update mask and the alive mask: 4C + 2 bytes per cell in
-float32, everything else (perception, hidden, update, post mask) is recomputed.
+float32, everything else (perception, hidden, update) is recomputed, on the cells that fired and
+are alive only (a dead cell's output is 0 whatever its update; the masks carry no gradient).
 Other devices (CUDA included, until the Triton kernels gain the options): a dense composite under
 activation checkpointing, which saves only its inputs.
 """
@@ -172,6 +173,8 @@ def _backward(grad, x, w1, b1, w2, b2, mask, alive, filters, zero_pad, clip):
     clip_p, clip_h = (plo, phi) != (-_INF, _INF), (hlo, hhi) != (-_INF, _INF)
     clip_u, clip_s = (ulo, uhi) != (-_INF, _INF), (slo, shi) != (-_INF, _INF)
     taps = _taps(filters)
+    if alive.numel():  # cells the alive mask zeroes get no gradient: skip their MLP
+        mask = mask & alive if mask.dtype == torch.bool else mask * alive
     idx, vals = _fired(mask, dt)
     w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)
     w2c = w2.to(dt)
