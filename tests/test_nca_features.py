@@ -358,3 +358,53 @@ def test_dense_path_float64(opts):
     torch.testing.assert_close(out.detach(), want, **TOL[torch.float64])
     for t, w in zip(lv.values(), wgrads, strict=True):
         torch.testing.assert_close(t.grad, w, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_cpu_op_sparse_life_float64(padding):
+    # A small living blob in a large dead grid: the CPU op skips the MLP of cells far from life
+    # (forward) and of dead cells (backward); results stay those of nca_step_ref.
+    from fastnca.ops import nca_step
+
+    a = make(B=2, C=5, H=11, W=13, hidden=9, nf=3)
+    a["x"][:, 3] = -0.5
+    a["x"][0, 3, 4:6, 5:7] = 0.8
+    a["x"][1, 3, 0, 0] = 0.8  # on the border: wraps or not
+    a["w2"][3] *= 10  # large alpha updates of both signs: life moves, neighbours' updates matter
+    a["mask"] = (a["mask"] * torch.rand(a["mask"].shape)).double()
+    lv = _leaves(a, torch.float64)
+    opts = dict(padding=padding, alive_threshold=0.1, clip={"state": (-1.0, 1.0)})
+    out = nca_step(*lv.values(), mask=a["mask"], filters=a["filters"], **opts)
+    g = torch.randn_like(out)
+    out.backward(g)
+    want, wgrads = _ref_out_grads(a, g, opts)
+    assert 0 < (out != 0).any(1).sum() < 40  # the blob, not the grid
+    torch.testing.assert_close(out.detach(), want, **TOL[torch.float64])
+    for t, w in zip(lv.values(), wgrads, strict=True):
+        torch.testing.assert_close(t.grad, w, **TOL[torch.float64])
+
+
+def test_cpu_op_life_kept_by_a_far_neighbour():
+    # k (living) dies, i (two cells away, not alive before) comes to life; j between them stays
+    # alive only through i's update, so i's MLP must run although no living cell touches i.
+    from fastnca.ops import nca_step
+
+    C, H, W = 4, 5, 9
+    x = torch.zeros(1, C, H, W, dtype=torch.float64)
+    x[0, 0] = torch.arange(H * W, dtype=torch.float64).view(H, W) + 1  # a visible channel
+    x[0, 3] = -0.5
+    x[0, 3, 2, 3] = 0.8  # k
+    w1 = torch.zeros(2, 3 * C, dtype=torch.float64)
+    w1[0, 3 * 3 + 0] = 10.0  # hidden 0 = relu(10 * own alpha)
+    w2 = torch.zeros(C, 2, dtype=torch.float64)
+    w2[3, 0] = -5.0
+    b2 = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)  # alpha += 1 - 50 * alpha+
+    mask = torch.zeros(1, 1, H, W, dtype=torch.bool)
+    mask[0, 0, 2, 3] = mask[0, 0, 2, 5] = True  # k and i fire
+    k = DISTILL_FILTERS[:3].double()
+    args = (x, w1, torch.zeros(2, dtype=torch.float64), w2, b2, mask, k)
+    for padding in ("zeros", "circular"):
+        want = nca_step_ref(*args, padding=padding, alive_threshold=0.1)
+        got = nca_step(*args[:5], mask=mask, filters=k, padding=padding, alive_threshold=0.1)
+        assert want[0, 0, 2, 4] == x[0, 0, 2, 4]  # j alive, unchanged
+        torch.testing.assert_close(got, want, **TOL[torch.float64])

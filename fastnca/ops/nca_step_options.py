@@ -134,9 +134,15 @@ def _forward(x, w1, b1, w2, b2, mask, filters, zero_pad, thr, ch, clip):
     NF, N = filters.shape[0], B * H * W
     (plo, phi, hlo, hhi, ulo, uhi, slo, shi) = clip
     taps = _taps(filters)
+    xd = x.to(dt)
+    if thr is not None:
+        # A cell with no living cell in its 3x3 neighbourhood (pre) has no neighbour that can
+        # survive (pre is false around it), so its update reaches no output: skip its MLP.
+        pre = _alive(xd[:, ch], thr, zero_pad)  # (B, H, W)
+        near = _alive(pre.to(dt), 0.5, zero_pad)[:, None]
+        mask = mask & near if mask.dtype == torch.bool else mask * near
     idx, vals = _fired(mask, dt)
     w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)  # columns f*C + c
-    xd = x.to(dt)
     p = _perceive_planes(xd, taps, zero_pad).view(NF * C, N)
     out = torch.empty((C, B, H, W), dtype=dt)
     out.copy_(xd.transpose(0, 1))
@@ -157,7 +163,7 @@ def _forward(x, w1, b1, w2, b2, mask, filters, zero_pad, thr, ch, clip):
     if thr is None:
         alive = torch.empty((0,), dtype=torch.bool)
     else:
-        alive = _alive(xd[:, ch], thr, zero_pad) & _alive(out[ch], thr, zero_pad)  # (B, H, W)
+        alive = pre & _alive(out[ch], thr, zero_pad)  # (B, H, W)
         out.mul_(alive)
         alive = alive.view(B, 1, H, W)
     return out.transpose(0, 1).to(x.dtype).contiguous(), alive
