@@ -379,3 +379,37 @@ def test_cli_export_bad_input_is_one_line_exit_2(tmp_path, capsys, case):
     assert rc == 2, err
     assert err.startswith("fastnca export: error: ") and err.count("\n") == 1, err
     assert list(out.parent.iterdir()) == [] and not (tmp_path / "nope").exists()
+
+
+# ----------------------------------------------------------------------------- the zoo
+def test_zoo_models_are_small_checkpoints_that_export(tmp_path, capsys):
+    from fastnca.nca.checkpoint import load_checkpoint
+    from fastnca.nca.zoo import ZOO_DIR, zoo_names, zoo_path
+
+    assert "stripes" in zoo_names()
+    readme = (ZOO_DIR / "README.md").read_text()
+    for name in zoo_names():
+        path = zoo_path(f"zoo:{name}")
+        ckpt = load_checkpoint(path)
+        assert path.stat().st_size < 64 * 1024 and ckpt.train is None
+        assert ckpt.config["zoo"]["command"] in readme  # each file's command is documented
+        rc, _ = cli(["export", f"zoo:{name}", "-o", str(tmp_path / f"{name}.html")], capsys)
+        assert rc == 0 and _data((tmp_path / f"{name}.html").read_text())["name"] == name
+    rc, _ = cli(["zoo"], capsys)
+    assert rc == 0
+    with pytest.raises(ValueError, match="unknown zoo model 'nope'; the zoo has: .*stripes"):
+        zoo_path("zoo:nope")
+
+
+@needs_chromium
+def test_zoo_stripes_grows_its_texture_in_the_page(tmp_path):
+    from fastnca.nca.checkpoint import load_nca
+    from fastnca.nca.zoo import zoo_path
+
+    model = load_nca(zoo_path("stripes"))
+    page = export_html(model, tmp_path / "stripes.html")
+    got = read_state(run_headless(page, f"test={STEPS}&seed=0&size=32x32&init=zeros"))
+    want = torch_steps(model, torch.zeros(1, model.channels, 32, 32), STEPS, seed=0)
+    assert (got - want).abs().max().item() <= PARITY_ATOL
+    rgb = model.to_rgb(got)
+    assert rgb.std() > 0.1, "the texture grew from the blank state: colours vary across the grid"
