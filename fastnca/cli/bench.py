@@ -182,9 +182,8 @@ def _command_line(args) -> str:
         "fail_above",
     ):
         value = getattr(args, opt)
-        if value is not None and value != {"suite": "all", "repeat": 1, "json": DEFAULT_JSON, "device": "auto"}.get(
-            opt
-        ):
+        defaults = {"suite": "all", "repeat": 1, "json": DEFAULT_JSON, "device": "auto"}
+        if value is not None and value != defaults.get(opt):
             flag = "-k" if opt == "keyword" else "--" + opt.replace("_", "-")
             parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     return shlex.join(parts)
@@ -210,8 +209,22 @@ def _pytest_args(args, storage: Path) -> list[str]:
     return extra
 
 
+def _check_outputs(args) -> None:
+    """Every file this run will write is writable, checked before the (long) run."""
+    from fastnca.cli._paths import writable_file
+
+    writable_file(args.json, "--json")
+    if args.markdown:
+        writable_file(args.markdown, "--markdown")
+    if args.plot:
+        writable_file(args.plot, "--plot")
+    if args.write_baseline and args.baseline:
+        writable_file(args.baseline, "--baseline")
+
+
 def run(args) -> int:
     _check_args(args)
+    _check_outputs(args)
     device = _resolve_device(args.device)
     from fastnca.bench import gate, report, rows, runner
 

@@ -8,6 +8,7 @@ Examples:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from fastnca.cli._common import (
     UsageError,
@@ -19,6 +20,7 @@ from fastnca.cli._common import (
     positive_int,
     set_threads,
 )
+from fastnca.cli._paths import writable_file
 
 DEFAULT_FRAMES, DEFAULT_STEPS_PER_FRAME = 60, 8
 
@@ -65,7 +67,10 @@ def add_parser(sub):
         "render", help="grow a trained NCA on any grid size: GIF/MP4 + final PNG",
         description="Grow the NCA of a checkpoint (or a `fastnca train` run directory, or a "
         "lesson state dict) from a seed grid of any size and write an animation: GIF with "
-        "Pillow, MP4 with imageio-ffmpeg. The last frame is also saved as OUT with suffix .png.")
+        "Pillow, MP4 with imageio-ffmpeg. The last frame is also saved as OUT with suffix .png. "
+        "Checked before the rollout: OUT's folder is writable, the model's weights are finite, "
+        f"--steps <= {10**6}, a GIF side (size x scale) <= 65535 px, and the frames fit in half "
+        "of this machine's RAM.")
     p.add_argument("checkpoint", metavar="CKPT_OR_RUN_DIR")
     add_common(p, "the animation to write: OUT.gif or OUT.mp4", out_required=True)
     p.add_argument("--size", default="128", help="grid size in cells: N or HxW (default 128)")
@@ -83,12 +88,26 @@ def add_parser(sub):
     return p
 
 
+MAX_STEPS = 10**6  # every step runs the model on the whole grid: beyond this, hours per render
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+
+
 def run(args) -> int:
-    from fastnca.nca.render import MissingDependencyError, render
+    from fastnca.nca.render import ANIMATION_SUFFIXES, MissingDependencyError, render
 
     set_threads(args.threads)
     size = _size(args.size)
     frames, spf = frame_plan(args.steps, args.frames, args.steps_per_frame)
+    if frames * spf > MAX_STEPS:
+        raise UsageError(f"--steps: {frames * spf} steps is more than {MAX_STEPS} (every step runs "
+                         f"the model on the whole grid; such a render would take hours)")
+    if args.seed > MAX_SEED:
+        raise UsageError(f"--seed: expected at most {MAX_SEED} (a 64-bit integer), got "
+                         f"{args.seed}")
+    if Path(args.out).suffix.lower() not in ANIMATION_SUFFIXES:
+        raise UsageError(f"-o: expected a .gif or .mp4 file name, got {args.out!r}")
+    out = writable_file(args.out, "-o")  # before the rollout, not after it
+    writable_file(out.with_suffix(".png"), "-o")
     scale = args.scale if args.scale is not None else max(1, -(-256 // max(size)))
     device = device_of(args)
     try:

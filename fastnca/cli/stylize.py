@@ -21,6 +21,7 @@ from fastnca.cli._common import (
     positive_int,
     set_threads,
 )
+from fastnca.cli._paths import writable_file
 
 DEMO = dict(content="builtin:landscape", style="builtin:dots", size=128, steps=80,
             out="stylize_demo.png")
@@ -34,8 +35,10 @@ def add_parser(sub):
         "its Gram matrices match STYLE (Gatys et al.), with Adam through the fastnca Learner. "
         "Images: PNG/JPEG paths, or builtin:NAME for the images drawn by fastnca.style.textures "
         "(landscape, checker, dots, scales, stripes). Weights: torchvision's ImageNet VGG16 from "
-        "the torch hub cache (or downloaded), --weights PATH, else an offline fallback (random "
-        "multi-scale features); the choice is printed.",
+        "the torch hub cache (or downloaded once, 528 MB, progress on stderr, at most "
+        "FASTNCA_DOWNLOAD_DEADLINE seconds, default 600; FASTNCA_OFFLINE=1 never downloads), "
+        "--weights PATH, else an offline fallback (random multi-scale features); the choice is "
+        "printed. Images whose shorter side is under 16 px after resizing to --size are refused.",
     )
     p.add_argument("content", nargs="?", help="content image (path or builtin:NAME)")
     p.add_argument("style", nargs="?", help="style image (path or builtin:NAME)")
@@ -94,7 +97,24 @@ def _output(path: str) -> Path:
     ext = out.suffix.lower()
     if ext and (Image.registered_extensions().get(ext) not in Image.SAVE):
         raise UsageError(f"--out: cannot write {ext!r} images; use .png or .jpg")
-    return out
+    return writable_file(out, "--out")  # before the optimisation, not after it
+
+
+# float32 values per pixel of the image being optimised: VGG16 activations kept for backward
+# (~600, relu1_1..relu5_1) and their gradients, plus the image, its gradient and Adam's state.
+STYLIZE_FLOATS_PER_PIXEL = 1300
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+
+
+def _check_size(size: int) -> None:
+    from fastnca._memory import check_memory
+
+    try:
+        check_memory(f"--size {size}: stylizing a {size}x{size} image",
+                     {"features": 4 * STYLIZE_FLOATS_PER_PIXEL * size * size},
+                     "lower --size")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def run(args) -> int:
@@ -110,6 +130,10 @@ def run(args) -> int:
     out = _output(args.out or (DEMO["out"] if args.demo else "stylized.png"))
     if size < 16:
         raise UsageError(f"--size: expected at least 16 pixels, got {size}")
+    _check_size(size)
+    if args.seed > MAX_SEED:
+        raise UsageError(f"--seed: expected at most {MAX_SEED} (a 64-bit integer), got "
+                         f"{args.seed}")
     dev = device_of(args)
     set_threads(args.threads)
     if args.amp:

@@ -18,6 +18,7 @@ from fastnca.cli._common import (
     positive_float,
     positive_int,
 )
+from fastnca.cli._paths import writable_dir
 
 # CLI option -> TrainConfig field (None: not given, the preset's value is used).
 _OPTIONS = ("iters", "size", "batch", "pool", "channels", "hidden", "min_steps", "max_steps",
@@ -30,10 +31,16 @@ def add_parser(sub):
     p = sub.add_parser(
         "train", help="train a texture NCA (outputs: checkpoint, pool.png, loss.png, growth.gif)",
         description="Train a Neural Cellular Automaton that grows and keeps the texture of "
-        "STYLE_IMAGE (default: a texture built into fastnca, so it runs with no files and no "
-        "downloads). Writes RUN_DIR/config.json, checkpoint.pt (weights and the whole resume "
-        "state), style.png, pool.png, loss.png and growth.gif. Ctrl-C or SIGTERM finishes the "
-        "iteration, saves and exits (130/143); --resume RUN_DIR continues exactly.")
+        "STYLE_IMAGE (default: a texture built into fastnca, so it needs no files). Writes "
+        "RUN_DIR/config.json, checkpoint.pt (weights and the whole resume state), style.png, "
+        "pool.png, loss.png and growth.gif. Ctrl-C or SIGTERM finishes the iteration, saves and "
+        "exits (130/143); --resume RUN_DIR continues exactly. Network: with --weights auto "
+        "(default) the ImageNet VGG16 weights come from the torch hub cache, else are downloaded "
+        "once (528 MB, progress on stderr, at most FASTNCA_DOWNLOAD_DEADLINE seconds, default "
+        "600), else the offline fallback features are used; FASTNCA_OFFLINE=1, --weights random "
+        "or --weights FILE never download. Limits, checked before any work: --size >= 16, "
+        "--channels >= 3, --iters <= 1000000, and the estimated memory within half of this "
+        "machine's RAM.")
     p.add_argument("style", nargs="?", metavar="STYLE_IMAGE",
                    help="style image file (PNG/JPEG) or builtin:NAME (default: --texture, else "
                    "the preset's: 'stripes' for quick, 'scales' otherwise)")
@@ -58,8 +65,8 @@ def add_parser(sub):
                    help="style loss: gram (Gram matrices) or swd (sliced Wasserstein)")
     p.add_argument("--texture", default=None, help="built-in texture to use without STYLE_IMAGE")
     p.add_argument("--weights", default=None, metavar="auto|imagenet|random|FILE",
-                   help="VGG16 weights (default auto: torchvision cache, else the offline "
-                   "fallback features)")
+                   help="VGG16 weights (default auto: torchvision cache, else a download unless "
+                   "FASTNCA_OFFLINE=1, else the offline fallback features)")
     p.add_argument("--amp", default=None, metavar="none|bf16", help="mixed precision")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the NCA step (once) and the style loss")
@@ -80,6 +87,8 @@ def run(args) -> int:
         raise UsageError("give -o RUN_DIR (a new run directory) or --resume RUN_DIR")
     if args.resume is not None and (args.out is not None or args.style is not None):
         raise UsageError("--resume RUN_DIR continues that run: drop -o and STYLE_IMAGE")
+    if args.out is not None:
+        writable_dir(args.out, "-o")  # before any work: a read-only place or a file in the way
     overrides = {k: getattr(args, k) for k in _OPTIONS}
     overrides["compile"] = args.compile
     try:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from fastnca._checks import check_int
 from fastnca._io import atomic_path
+from fastnca._memory import check_memory
 from fastnca._plot import plot_losses  # noqa: F401 (part of this module's API)
 from fastnca.style.images import save_image, to_uint8
 
@@ -122,6 +123,30 @@ def write_animation(frames: Sequence[np.ndarray], path, fps: float = 20.0, scale
     return p
 
 
+GIF_MAX_SIDE = 65535  # GIF stores widths and heights as 16-bit numbers
+
+
+def check_render(model, size, frames: int, scale: int, suffix: str = ".gif") -> None:
+    """Refuse, before the rollout, a model with NaN/inf weights (it would render a black
+    animation) and a render that cannot be written or would not fit in memory."""
+    bad = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"checkpoint: the model's {', '.join(bad[:3])} hold NaN or inf values "
+                         f"(a diverged run?); nothing to render")
+    h, w = _grid_size(size)
+    scale = _positive("scale", scale)
+    if suffix == ".gif" and max(h, w) * scale > GIF_MAX_SIDE:
+        raise ValueError(f"size x scale: {h * scale}x{w * scale} px is larger than a GIF can be "
+                         f"({GIF_MAX_SIDE} px a side, 16-bit); lower size or scale")
+    c = getattr(model, "channels", 16)
+    hidden = getattr(model, "hidden", 128)
+    check_memory(f"rendering {frames} frames of {h}x{w} cells at scale {scale}",
+                 {"frames": frames * h * w * 3 * (1 + 2 * scale * scale),  # raw + upscaled + PIL
+                  "rollout": 4 * h * w * (3 * c + 4 * c + hidden)},  # state, perception, hidden
+                 "lower --size, --scale or --frames")
+
+
 def render(checkpoint, out, size=128, frames: int = 60, steps_per_frame: int = 8,
            seed: int | None = 0, fps: float = 20.0, scale: int = 1, device=None) -> dict:
     """Grow the NCA of ``checkpoint`` (file, run directory or lesson state dict) and write ``out``
@@ -140,6 +165,7 @@ def render(checkpoint, out, size=128, frames: int = 60, steps_per_frame: int = 8
                 f"writing {p.name} needs imageio-ffmpeg (pip install imageio-ffmpeg); or write a "
                 f".gif instead") from None
     model = load_nca(checkpoint, device=device or "cpu").eval()
+    check_render(model, size, frames, scale, p.suffix.lower())
     ims = grow(model, size, frames=frames, steps_per_frame=steps_per_frame, seed=seed)
     anim = write_animation(ims, p, fps=fps, scale=scale)
     png = save_image(torch.from_numpy(_upscale(ims[-1], scale)).permute(2, 0, 1).float() / 255,
