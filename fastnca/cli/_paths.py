@@ -32,7 +32,8 @@ def probe_dir(d: Path, flag: str, target: Path) -> None:
         fd, tmp = tempfile.mkstemp(dir=a, prefix=".fastnca-probe.", suffix=".tmp")
     except OSError as e:
         raise UsageError(
-            f"{flag}: cannot write {str(target)!r}: {str(a)!r} is not writable ({e.strerror or e})"
+            f"{flag}: cannot write {str(target)!r}: cannot create files in {str(a)!r} "
+            f"({e.strerror or e})"
         ) from None
     os.close(fd)
     with contextlib.suppress(OSError):

@@ -3,8 +3,8 @@
 ``ARCHITECTURES``: the model shapes (``NCA.fastai()`` is "lesson", ``NCA.texture()`` "texture").
 ``PRESETS``: full training recipes; "quick" is the :class:`TrainConfig` defaults. ``make_config``
 gives a validated config from a preset and overrides, within the limits of a texture run (grid
-side >= 16, channels >= 3, iters <= 10^6, seed < 2^63, and an estimated memory use within half of
-this machine's RAM: ``memory_parts``).
+side >= 16 for relu5_1, channels >= 3, iters <= 10^6, seed < 2^63, and an estimated memory use
+within half of this machine's RAM: ``memory_parts``).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ PRESETS: dict[str, dict] = {
 
 
 # Upper bounds, each with its reason (in the error message).
-MIN_SIZE = 16
+VGG_POOLS = (4, 9, 16, 23, 30)  # vgg16().features indices of the max pools
 MAX_ITERS = 10**6
 ITERS_WHY = " (the loss curve keeps one number per iteration in memory and in checkpoint.pt)"
 MAX_SEED = 2**63 - 1
@@ -154,10 +154,13 @@ class TrainConfig:
     def check_texture_run(self) -> TrainConfig:
         """The limits of a texture-training run (beyond :meth:`validate`, which unit tests of the
         NCA callback also use with toy sizes): RGB needs channels >= 3, the style features need
-        a grid of at least MIN_SIZE cells, and the job must fit in memory (``memory_parts``)."""
+        a grid of at least 2^(poolings before the deepest layer) cells (16 for relu5_1), and the
+        job must fit in memory (``memory_parts``)."""
         check_int("channels", self.channels, 3, why=" (RGB is read from channels 0..2)")
-        check_int("size", self.size, MIN_SIZE,
-                  why=f" (the VGG16 style features pool 4 times: {MIN_SIZE} cells -> 1 at relu5_1)")
+        pools = sum(max(self.layers) >= i for i in VGG_POOLS)
+        check_int("size", self.size, 2**pools,
+                  why=f" (the style features at VGG16 index {max(self.layers)} come after {pools} "
+                  f"2x2 poolings: {2**pools} cells -> 1)")
         check_memory(f"training {self.size}x{self.size} grids (pool {self.pool}, batch "
                      f"{self.batch}, {self.channels} channels, {self.hidden} hidden, up to "
                      f"{self.max_steps} steps)", memory_parts(self),

@@ -4,9 +4,10 @@ Every problem with an input file (missing, a directory, a FIFO/device/socket, un
 image, truncated, too large, too small for the style features after resizing) raises ``ImageError``
 (a ``ValueError``) with a one-line message naming the file, so the CLI can print it and exit 2.
 
-Small images are refused, not upscaled: when ``load_image`` is given a ``size`` (images for the
-VGG16 features of train and stylize), the shorter side after resizing must be at least
+Small images are refused, not upscaled: when ``load_image`` shrinks an image to ``size`` (images
+for the VGG16 features of train and stylize), the shorter side after resizing must be at least
 ``MIN_SIDE`` = 16 px (relu5_1 is 1/16 of the input), and the message says which ``size`` would do.
+(An image already small on disk is loaded as it is; ``stylize`` checks its inputs' final size.)
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def load_image(path, size: int | None = None, *, verbose: bool = True) -> torch.
 
     Grayscale, palette, CMYK and RGBA become RGB (alpha over white); JPEG EXIF rotation is applied.
     If ``size`` is given and the longer side exceeds it, the image is resized (Lanczos, aspect kept)
-    so that the longer side is ``size``, and a message says so; with ``size`` the shorter side
-    must then be at least ``MIN_SIDE`` px (``ImageError`` otherwise). Only regular files are
+    so that the longer side is ``size``, and a message says so; the shorter side must then be at
+    least ``MIN_SIDE`` px (``ImageError`` otherwise). Only regular files are
     opened: a FIFO, device or socket is refused before opening (reading it could block forever).
     """
     p = Path(path).expanduser()
@@ -119,8 +120,6 @@ def load_image(path, size: int | None = None, *, verbose: bool = True) -> torch.
         if verbose:
             print(f"fastnca: resized {p.name} from {w}x{h} to {nw}x{nh} (size {size})",
                   file=sys.stderr, flush=True)
-    elif size is not None:
-        check_min_side(repr(str(p)), w, h, size)
     a = np.asarray(rgb, dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float().div_(255.0)
 
