@@ -16,7 +16,8 @@ ROOT = Path(fastnca.__file__).resolve().parent
 KERNELS = ROOT.parent / "kernels"
 LAYERS = [
     ("fastnca.kernels",),
-    ("fastnca.reference", "fastnca._io", "fastnca._device"),
+    ("fastnca.reference", "fastnca._io", "fastnca._device", "fastnca._checks", "fastnca._plot",
+     "fastnca._memory"),
     ("fastnca.ops", "fastnca.losses"),
     ("fastnca.train",),
     ("fastnca.style", "fastnca.lesson"),

@@ -50,7 +50,9 @@ def add_parser(sub):
         metavar="EXPR",
         help="only benchmarks whose name matches this pytest -k expression",
     )
-    add_common(p, None)
+    add_common(p, None, device=False)
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
+                   help="benchmark device (default auto: cuda when present, else cpu)")
     p.add_argument(
         "-o",
         "--out",

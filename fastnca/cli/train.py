@@ -77,16 +77,40 @@ def add_parser(sub):
     return p
 
 
+def _refuse_if_locked(run_dir) -> None:
+    """A run directory held by a running `fastnca train` is refused at once, naming its pid
+    (probed with a shared lock that conflicts with the owner's exclusive one; writes nothing)."""
+    import fcntl
+    from pathlib import Path
+
+    from fastnca.nca.rundir import LOCK_NAME
+
+    lock = Path(run_dir).expanduser() / LOCK_NAME
+    if not lock.is_file():
+        return
+    try:
+        with open(lock) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = f.read().strip() or "?"
+                raise UsageError(f"{str(lock.parent)!r} is in use by another fastnca train (pid "
+                                 f"{pid}); wait for it or choose another directory") from None
+    except OSError:
+        return  # unreadable lock file: RunLock decides when the run starts
+
+
 def run(args) -> int:
     from fastnca.nca.recipe import TrainingDiverged
     from fastnca.nca.render import MissingDependencyError
     from fastnca.nca.run import TrainingRun
-    from fastnca.nca.rundir import TrainingStopped
+    from fastnca.nca.rundir import RunDirBusy, TrainingStopped
 
     if args.resume is None and args.out is None:
         raise UsageError("give -o RUN_DIR (a new run directory) or --resume RUN_DIR")
     if args.resume is not None and (args.out is not None or args.style is not None):
         raise UsageError("--resume RUN_DIR continues that run: drop -o and STYLE_IMAGE")
+    _refuse_if_locked(args.out or args.resume)
     if args.out is not None:
         writable_dir(args.out, "-o")  # before any work: a read-only place or a file in the way
     overrides = {k: getattr(args, k) for k in _OPTIONS}
@@ -104,7 +128,7 @@ def run(args) -> int:
     except TrainingStopped as e:
         print(f"fastnca train: {e}", file=sys.stderr)
         return e.exit_code
-    except (TrainingDiverged, MissingDependencyError) as e:
+    except (RunDirBusy, TrainingDiverged, MissingDependencyError) as e:
         raise UsageError(first_line(e)) from None
     n = len(res.losses) - plan.done
     print(f"fastnca train: {n} iterations in {res.seconds:.1f} s "

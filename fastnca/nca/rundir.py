@@ -28,6 +28,10 @@ RESUMABLE = {"iters", "device", "amp", "compile", "save_every", "threads"}  # ma
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
+class RunDirBusy(ValueError):
+    """Another process holds the run directory."""
+
+
 class RunLock:
     """Exclusive ownership of a run directory for the life of this process's run."""
 
@@ -45,7 +49,7 @@ class RunLock:
             f.seek(0)
             pid = f.read().strip() or "?"
             f.close()
-            raise ValueError(f"out_dir: {str(self.path.parent)!r} is in use by another fastnca "
+            raise RunDirBusy(f"out_dir: {str(self.path.parent)!r} is in use by another fastnca "
                              f"train (pid {pid}); wait for it or choose another directory") \
                 from None
         f.seek(0)

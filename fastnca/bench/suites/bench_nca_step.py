@@ -26,7 +26,7 @@ from fastnca.reference import nca_step_ref
 
 pytestmark = pytest.mark.ops
 VARIANTS = ["lesson eager", "lesson compiled", "fastnca", "fastnca compiled"]
-# (batch, size, steps, dtype): the workload; bfloat16 with fewer steps (the lesson's
+# (batch, size, steps, dtype): the texture preset's rollout; bfloat16 with fewer steps (the lesson's
 # bfloat16 convolutions are slow on CPUs without native bfloat16); a small one for --quick.
 WORKLOADS = [(4, 128, 64, torch.float32), (4, 128, 16, torch.bfloat16),
              pytest.param((1, 64, 16, torch.float32), marks=pytest.mark.quick)]

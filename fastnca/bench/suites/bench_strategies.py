@@ -219,7 +219,7 @@ def test_slow_loader(benchmark, workload, variant):
 
 def main(argv=None) -> int:
     """Interleaved timing: every variant's rounds alternate (round r of all rows, then r+1), so a
-    change of machine load hits all rows alike. ``python benchmarks/bench_strategies.py``."""
+    change of machine load hits all rows alike. ``python fastnca/bench/suites/bench_strategies.py``."""
     import argparse
     import statistics
 
