@@ -181,10 +181,12 @@ def test_page_matches_pytorch_published_models(tmp_path, file, name, init):
 
 
 @needs_chromium
-def test_page_says_so_without_webgl2(tmp_path):
+def test_page_says_so_without_webgl2_or_when_the_grid_is_too_big(tmp_path):
     page = export_html(NCA.fastai(), tmp_path / "nca.html")
     dom = run_headless(page, "test=1", extra_flags=("--disable-3d-apis",))
-    assert "needs WebGL2" in dom
+    assert "This page needs WebGL2" in dom
+    dom = run_headless(page, "test=1&size=9000")  # past SwiftShader's 8192 texels a side
+    assert "Choose a smaller grid" in dom
 
 
 # ----------------------------------------------------------------------------- masks and states
