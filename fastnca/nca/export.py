@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastnca.reference import rotate_filters
+
 TEMPLATE = Path(__file__).with_name("viewer.html")
 LIMITS = {"channels": (3, 64), "hidden": (1, 512), "filters": (1, 16)}  # inclusive ranges
 CLIP_KEYS = ("perception", "hidden", "update", "state")
@@ -100,14 +102,11 @@ def step_options(model) -> dict:
 
 
 def _rotated(filters: torch.Tensor, angle: float) -> torch.Tensor:
-    # The growing NCA's rotated perception: [k0, c k1 - s k2, s k1 + c k2, k3, ...].
-    if angle == 0:
-        return filters
-    if filters.shape[0] < 3:
-        raise ValueError(f"model: perception_angle needs >= 3 filters, got {filters.shape[0]}")
-    c, s = math.cos(angle), math.sin(angle)
-    k1, k2 = filters[1], filters[2]
-    return torch.cat([filters[:1], (c * k1 - s * k2)[None], (s * k1 + c * k2)[None], filters[3:]])
+    # The growing NCA's rotated perception (the same function the step uses).
+    try:
+        return rotate_filters(filters, angle)
+    except ValueError as e:
+        raise ValueError(f"model: {e}") from None
 
 
 def _b64(t: torch.Tensor | None) -> str | None:
