@@ -7,7 +7,9 @@ Environment variables it reads (set by :func:`fastnca.bench.runner.run_suites`):
 contains ``perceive`` take 3x its time inside the timed region (it sleeps 2x the measured call),
 which is how the tests prove that the gate fails; ``FASTNCA_BENCH_THREADS=N`` sets torch's
 intra-op threads; ``FASTNCA_BENCH_PAIRED=0`` turns paired timing off; ``FASTNCA_BENCH_SUMMARY=0``
-drops the terminal summary (the runner prints its own table).
+drops the terminal summary (the runner prints its own table); ``FASTNCA_BENCH_DRY=PATH`` times
+nothing: each benchmark appends its ``"group :: variant"`` key to the file PATH and is skipped at
+its ``pedantic`` call (how the tests check that every baseline row still exists).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ ENV_QUICK = "FASTNCA_BENCH_QUICK"
 ENV_THREADS = "FASTNCA_BENCH_THREADS"
 ENV_PAIRED = "FASTNCA_BENCH_PAIRED"
 ENV_SUMMARY = "FASTNCA_BENCH_SUMMARY"
+ENV_DRY = "FASTNCA_BENCH_DRY"
 
 
 def _slowed(fn, factor: float):
@@ -47,11 +50,13 @@ def _slowed(fn, factor: float):
 
 
 def pytest_configure(config):
+    import torch
+
     threads = os.environ.get(ENV_THREADS)
     if threads:
-        import torch
-
         torch.set_num_threads(int(threads))
+    if os.environ.get(ENV_DRY):  # a dry run times nothing, so it compiles nothing either
+        torch.compile = lambda model=None, **kwargs: model if model is not None else (lambda m: m)
 
 
 def paired_speedup(baseline_call, row_call, rounds: int) -> float:
@@ -98,6 +103,10 @@ def _fastnca_bench_pedantic(request):
             rounds = min(rounds, QUICK_ROUNDS)
         ei, group = bm.extra_info, str(bm.group)
         variant, base = str(ei.get("variant", "")), ei.get("baseline", BASELINE_VARIANT)
+        if os.environ.get(ENV_DRY):
+            with open(os.environ[ENV_DRY], "a") as f:
+                f.write(f"{group} :: {variant}\t{base}\n")
+            pytest.skip("dry run: the row's key was recorded, nothing timed")
         if is_gated(variant, base):
             for name, factor in slow.items():
                 if name in group.lower() and factor > 1:

@@ -274,3 +274,31 @@ def test_real_run_gate_and_compare(fake_suite, tmp_path, capsys, monkeypatch):
 def test_no_benchmark_matched(fake_suite, capsys):
     argv = ["--bench-dir", str(fake_suite), "--quick", "--suite", "train"]
     _one_line_error(capsys, argv, "no benchmark matched (suite train, quick)")
+
+
+def test_every_baseline_row_exists_and_every_op_is_gated(tmp_path):
+    """The committed baselines name rows the suites still produce (a dry run of the quick ops
+    suite records each benchmark's key without timing it), and every op has a gated row."""
+    import os
+    import subprocess
+
+    keys_file = tmp_path / "keys.txt"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(FASTNCA_BENCH_DRY=str(keys_file), FASTNCA_BENCH_QUICK="1", OMP_NUM_THREADS="1")
+    suites = runner.find_bench_dir()
+    cmd = runner.build_pytest_command(suites, "ops and quick", tmp_path / "b.json")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]
+    produced = dict(line.split("\t") for line in keys_file.read_text().splitlines())
+    gated = {k for k, base in produced.items() if is_gated(k.split(" :: ")[1], base)}
+    baselines = sorted(runner.BASELINES_DIR.glob("*.json"))
+    assert baselines, "no committed baseline"
+    for path in baselines:
+        base = gate.load_baseline(path)
+        recorded = set(base["speedups"]) | set(base.get("not_gated", {}))
+        if base["device_kind"] == "cpu":
+            missing = sorted(recorded - set(produced))
+            assert not missing, f"{path.name} records rows no suite produces: {missing}"
+            for op in ("perceive", "nca rollout", "style_loss"):
+                assert any(op in k for k in base["speedups"]), f"{path.name}: no gated {op} row"
+        assert set(base["speedups"]) <= gated | {k for k in recorded if "cuda" in k}
