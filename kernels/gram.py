@@ -40,7 +40,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from fastnca.kernels._launch import launch
+from fastnca.kernels._launch import gpu_info, launch
 
 
 @triton.jit
@@ -177,9 +177,6 @@ def gram_bwd_kernel(a_ptr, f_ptr, df_ptr, gs_ptr, C, N, stride_ab, scale,
 # Launchers: plain Python, called by the registered ops of fastnca.ops.gram. Shapes are checked by
 # the caller; block sizes and the split can be forced (tests use tiny blocks under the interpreter).
 
-_SM_COUNT: dict[int, int] = {}
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -203,12 +200,8 @@ def _fwd_blocks(C: int, dtype: torch.dtype, block_m, block_k) -> tuple[int, int]
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda" or _interpreting():
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    gpu = None if _interpreting() else gpu_info(device)
+    return 1 if gpu is None else gpu.sm_count
 
 
 def _split(n_programs: int, N: int, bk: int, device: torch.device, split) -> tuple[int, int]:

@@ -21,7 +21,11 @@ import torch
 from torch import nn
 from torch.library import triton_op
 
-from fastnca.kernels.gram import gram_bwd, gram_fwd, style_fwd
+try:  # Triton is optional: without it every device runs the torch composite (ops._backend)
+    from fastnca.kernels.gram import gram_bwd, gram_fwd, style_fwd
+except ImportError:
+    gram_bwd = gram_fwd = style_fwd = None
+from fastnca.ops._backend import use_triton
 from fastnca.ops._checks import (
     check_channels,
     check_loss_weight,
@@ -223,7 +227,7 @@ def _check_target(l: int, t, f: torch.Tensor) -> None:
 
 
 def _triton_path(f: torch.Tensor) -> bool:
-    return f.is_cuda and f.dtype != torch.float64
+    return f.dtype != torch.float64 and use_triton(f.device)
 
 
 # ---------------------------------------------------------------------------------------------

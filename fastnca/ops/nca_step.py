@@ -28,7 +28,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.library import triton_op
 
-from fastnca.kernels.nca_step import nca_step_bwd, nca_step_fwd
+try:  # Triton is optional: without it every device runs the torch composite (ops._backend)
+    from fastnca.kernels.nca_step import nca_step_bwd, nca_step_fwd
+except ImportError:
+    nca_step_bwd = nca_step_fwd = None
+from fastnca.ops._backend import use_triton
 from fastnca.ops._checks import (
     check_filters,
     check_real_device,
@@ -381,7 +385,7 @@ def nca_step(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     # The step computes in float32 whatever autocast says (the state is a residual sum over many
     # steps); autocast would otherwise recast the CPU op's inner matmuls and break its buffers.
     with torch.autocast(x.device.type, enabled=False):
-        if x.is_cuda:
+        if use_triton(x.device):
             return torch.ops.fastnca.nca_step(*args)
         if x.device.type == "cpu":
             return torch.ops.fastnca.nca_step_cpu(*args)

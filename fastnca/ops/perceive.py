@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.library import triton_op
 
-from fastnca.kernels.perceive import perceive_bwd, perceive_fwd
+try:  # Triton is optional: without it every device runs the torch composite (ops._backend)
+    from fastnca.kernels.perceive import perceive_bwd, perceive_fwd
+except ImportError:
+    perceive_bwd = perceive_fwd = None
+from fastnca.ops._backend import use_triton
 from fastnca.ops._checks import check_channels, check_filters, check_real_device, check_tensor
 from fastnca.reference import DEFAULT_FILTERS, circular_pad1
 
@@ -74,7 +78,7 @@ def perceive(x: torch.Tensor, filters: torch.Tensor | None = None) -> torch.Tens
     check_filters(filters, x)
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"x must have H, W >= 1, got shape {tuple(x.shape)}")
-    if x.is_cuda:
+    if use_triton(x.device):
         return torch.ops.fastnca.perceive(x, filters.detach())
     return perceive_composite(x, filters.detach())
 

@@ -1,0 +1,496 @@
+"""Static GPU report: every kernel launch of fastnca compiled for A100/H100/B200 without a GPU.
+
+For each case (op, shape, dtype) and target (sm_80, sm_90, sm_100) the real launchers of
+``fastnca.kernels`` are called on meta tensors inside ``fastnca.kernels._launch.recording``: they
+launch nothing and hand back what they would launch (kernel, arguments, constexprs, grid, warps).
+Each launch is then compiled exactly as Triton's JIT would (the same binder, so the same argument
+specialisation) with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, down to
+a cubin with the ptxas shipped in the triton wheel; ptxas' ``-v`` log gives registers, stack and
+spill bytes, the compiled metadata the shared memory. Occupancy follows from the per-arch limits;
+the roofline floor of one launch from the bytes it must move and the FLOPs it must run.
+
+    python -m fastnca.gpu_static --write docs/gpu_static.md     # the full table
+    python -m fastnca.gpu_static --check                        # CI: exit 1 on a spill/failure
+
+Compiled results are cached by (Triton source hash, specialisation, options, target, triton
+version) under ``$FASTNCA_GPU_STATIC_CACHE`` (default ``~/.cache/fastnca/gpu_static``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------------- hardware
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Per-SM limits of one compute capability (CUDA programming guide, compute capabilities)."""
+
+    cc: int
+    name: str
+    smem_sm: int  # shared memory per SM usable by blocks (bytes)
+    smem_block: int  # opt-in maximum per block (bytes)
+    regs_sm: int = 65536
+    max_warps: int = 64
+    max_blocks: int = 32
+    sms: int = 108  # SM count used for grids (A100 108, H100 SXM 132, B200 148)
+
+
+ARCHS = {
+    80: Arch(80, "sm_80 (A100)", 164 * 1024, 163 * 1024, sms=108),
+    90: Arch(90, "sm_90 (H100/H200)", 228 * 1024, 227 * 1024, sms=132),
+    100: Arch(100, "sm_100 (B200)", 228 * 1024, 227 * 1024, sms=148),
+}
+GATED = (80, 90)  # --check fails on these targets by default
+
+
+@dataclass(frozen=True)
+class Card:
+    """Peak rates for the roofline floor (dense tensor-core rates, vendor data sheets)."""
+
+    name: str
+    cc: int
+    bw: float  # HBM bytes/s
+    fp32: float  # FP32 FMA on CUDA cores, FLOP/s
+    tf32: float
+    half: float  # bf16/fp16 tensor cores, fp32 accumulation
+
+
+CARDS = (
+    Card("A100-40GB", 80, 1.555e12, 19.5e12, 156e12, 312e12),
+    Card("H100-SXM", 90, 3.35e12, 66.9e12, 494.7e12, 989.4e12),
+    Card("H200", 90, 4.8e12, 66.9e12, 494.7e12, 989.4e12),
+)
+
+
+def _dot_rate(card: Card, kind: str) -> float:
+    # kind: "ieee" (FP32 FMA), "tf32", "tf32x3" (3 TF32 products), "bf16x3"/"bf16x6", "half".
+    return {"ieee": card.fp32, "tf32": card.tf32, "tf32x3": card.tf32 / 3, "half": card.half,
+            "bf16x3": card.half / 3, "bf16x6": card.half / 6}[kind]
+
+
+# ---------------------------------------------------------------------------------- cases
+
+NCA_SHAPES = {  # name: (B, C, H, W, hidden); 4 filters, fire rate irrelevant to the kernels
+    "lesson 4/8": (4, 4, 256, 256, 8),
+    "texture 12/96": (4, 12, 128, 128, 96),
+    "16/128": (4, 16, 128, 128, 128),
+}
+VGG_LAYERS = {  # VGG16 relu1_1..relu5_1 of one 256x256 image: (B, C, H, W)
+    "relu1_1": (1, 64, 256, 256),
+    "relu2_1": (1, 128, 128, 128),
+    "relu3_1": (1, 256, 64, 64),
+    "relu4_1": (1, 512, 32, 32),
+    "relu5_1": (1, 512, 16, 16),
+}
+DTYPES = ("float32", "bfloat16", "float16")
+NF = 4
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    dtype: str
+    kwargs: dict  # extra launcher keyword arguments (injected configurations)
+
+    @property
+    def label(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in self.kwargs.items())
+        return f"{self.op} {self.shape} {self.dtype}{extra}"
+
+
+def default_cases() -> list[Case]:
+    cases = []
+    for dt in DTYPES:
+        for s in NCA_SHAPES:
+            cases.append(Case("nca_step", s, dt, {}))
+        for s in NCA_SHAPES:
+            cases.append(Case("perceive", s, dt, {}))
+        for s in VGG_LAYERS:
+            cases.append(Case("gram", s, dt, {}))
+            cases.append(Case("style_loss", s, dt, {}))
+    return cases
+
+
+def parse_inject(spec: str) -> Case:
+    """'op,shape,dtype,key=value,...' -> Case (shape as in the table, e.g. 'texture 12/96')."""
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) < 3:
+        raise ValueError(f"--inject must be 'op,shape,dtype[,key=value...]', got {spec!r}")
+    kw = {}
+    for p in parts[3:]:
+        k, _, v = p.partition("=")
+        kw[k] = int(v) if v.lstrip("-").isdigit() else v
+    return Case(parts[0], parts[1], parts[2], kw)
+
+
+def record(case: Case, arch: Arch) -> list:
+    """Call the op's launchers (forward and backward) on meta tensors; -> list of Launch."""
+    import torch
+
+    from fastnca.kernels import _launch
+    from fastnca.kernels.gram import gram_bwd, gram_fwd, style_fwd
+    from fastnca.kernels.nca_step import nca_step_bwd, nca_step_fwd
+    from fastnca.kernels.perceive import perceive_bwd, perceive_fwd
+
+    dt = getattr(torch, case.dtype)
+    meta = dict(device="meta")
+    f32 = dict(device="meta", dtype=torch.float32)
+    kw = case.kwargs
+    with _launch.recording(_launch.GpuInfo((arch.cc // 10, arch.cc % 10), arch.sms)) as rec:
+        if case.op in ("nca_step", "perceive"):
+            B, C, H, W, HID = NCA_SHAPES[case.shape]
+            x = torch.empty((B, C, H, W), dtype=dt, **meta)
+            k = torch.empty((NF, 3, 3), **f32)
+            if case.op == "perceive":
+                perceive_fwd(x, k, **kw)
+                perceive_bwd(torch.empty((B, C * NF, H, W), dtype=dt, **meta), k, **kw)
+            else:
+                w1, b1 = torch.empty((HID, NF * C), **f32), torch.empty((HID,), **f32)
+                w2, b2 = torch.empty((C, HID), **f32), torch.empty((C,), **f32)
+                m = torch.empty((B, 1, H, W), dtype=torch.bool, **meta)
+                nca_step_fwd(x, w1, b1, w2, b2, m, k, **kw)
+                nca_step_bwd(torch.empty_like(x), x, w1, b1, w2, m, k, **kw)
+        elif case.op in ("gram", "style_loss"):
+            B, C, H, W = VGG_LAYERS[case.shape]
+            f = torch.empty((B, C, H, W), dtype=dt, **meta)
+            if case.op == "gram":
+                g = gram_fwd(f, **kw)
+                gram_bwd(torch.empty(g.shape, dtype=dt, **meta), f, sym=True)
+            else:
+                _, s = style_fwd(f, torch.empty((C, C), **f32), save=True, **kw)
+                gram_bwd(torch.empty((B, C, C), **f32), f, sym=False,
+                         grad_scale=torch.empty((), **f32), scale=1.0)
+        else:
+            raise ValueError(f"unknown op {case.op!r}; one of nca_step, perceive, gram, style_loss")
+    return list(rec)
+
+
+# ---------------------------------------------------------------------------------- compiling
+
+_PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def _cache_dir() -> str:
+    d = os.environ.get("FASTNCA_GPU_STATIC_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "fastnca", "gpu_static")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _job(launch, cc: int):
+    """(cache key, ASTSource, target, options dict) for one launch, as Triton's JIT builds them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kern = launch.kernel
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kern.signature, kern.params, backend)
+    bound, spec, opts = binder(*launch.args, **launch.kwargs)
+    options, sig, constexprs, attrs = kern._pack_args(backend, launch.kwargs, bound, spec, opts)
+    src = ASTSource(kern, sig, constexprs, attrs)
+    key = hashlib.sha256(
+        f"{src.hash()}|{sorted(options.__dict__.items())}|{cc}|{triton.__version__}".encode()
+    ).hexdigest()[:32]
+    return key, src, target, options.__dict__
+
+
+def _compile(job) -> dict:
+    """Compile one job; -> resources dict (regs, stack, spill_stores, spill_loads, smem) or error."""
+    import triton
+
+    _, src, target, options = job
+    triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v log printed to stdout
+    triton.knobs.compilation.always_compile = True  # a Triton cache hit would skip ptxas
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            ck = triton.compile(src, target=target, options=options)
+    except Exception as e:  # noqa: BLE001 - reported per configuration
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"}
+    log = buf.getvalue()
+    m, r = _PTXAS.search(log), _REGS.search(log)
+    if not m or not r:
+        return {"error": "no ptxas -v log in the compile output"}
+    return {"regs": int(r.group(1)), "stack": int(m.group(1)), "spill_stores": int(m.group(2)),
+            "spill_loads": int(m.group(3)), "smem": int(ck.metadata.shared),
+            "num_stages": int(ck.metadata.num_stages)}
+
+
+_JOBS: dict = {}  # key -> job, read by forked compile workers (jobs hold unpicklable kernels)
+
+
+def _compile_keyed(key):
+    return key, _compile(_JOBS[key])
+
+
+def compile_all(jobs: dict, n_jobs: int) -> dict:
+    """{key: job} -> {key: resources}, from the cache where present, else compiled (in parallel)."""
+    cache = _cache_dir()
+    out, todo = {}, []
+    for key, job in jobs.items():
+        path = os.path.join(cache, key + ".json")
+        if os.path.exists(path):
+            with open(path) as fh:
+                out[key] = json.load(fh)
+        else:
+            todo.append(key)
+    if todo:
+        print(f"gpu_static: compiling {len(todo)} kernel configurations "
+              f"({len(out)} cached) with {n_jobs} process(es)", file=sys.stderr)
+        _JOBS.clear()
+        _JOBS.update(jobs)
+        if n_jobs > 1 and len(todo) > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(n_jobs) as pool:
+                results = pool.map(_compile_keyed, todo, chunksize=1)
+        else:
+            results = [_compile_keyed(t) for t in todo]
+        for key, res in results:
+            out[key] = res
+            if "error" not in res or "no ptxas" not in res["error"]:
+                tmp = os.path.join(cache, f".{key}.{os.getpid()}.tmp")
+                with open(tmp, "w") as fh:
+                    json.dump(res, fh)
+                os.replace(tmp, os.path.join(cache, key + ".json"))
+    return out
+
+
+# ---------------------------------------------------------------------------------- analysis
+
+
+def occupancy(res: dict, warps: int, arch: Arch) -> tuple[int, float]:
+    """(blocks per SM, fraction of the SM's warp slots) from registers, shared memory, warps."""
+    if "error" in res or res["smem"] > arch.smem_block:
+        return 0, 0.0
+    regs_warp = -(-res["regs"] * 32 // 256) * 256  # allocated per warp in units of 256
+    by_regs = arch.regs_sm // max(1, regs_warp * warps)
+    by_smem = arch.smem_sm // (res["smem"] + 1024) if res["smem"] else arch.max_blocks
+    blocks = min(by_regs, by_smem, arch.max_warps // warps, arch.max_blocks)
+    return blocks, blocks * warps / arch.max_warps
+
+
+def _size(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[dtype]
+
+
+def work(case: Case, launch) -> tuple[float, float, str, float]:
+    """(bytes that must move, dot FLOPs, dot kind, other FLOPs) of one launch, from its shapes.
+
+    The kernel's own inputs and outputs count once (scratch it writes, e.g. nca_step's dP, counts:
+    it is part of that launch's traffic); FLOPs are the useful ones (Gram: upper triangle only).
+    """
+    name = launch.kernel.fn.__name__
+    s = _size(case.dtype)
+    kw = launch.kwargs
+    if case.op in ("nca_step", "perceive"):
+        B, C, H, W, HID = NCA_SHAPES[case.shape]
+        cells, FC = B * H * W, NF * C
+        stencil = 18 * NF * C * cells
+        prec = "half" if kw.get("DOT_DTYPE") else kw.get("DOT_PRECISION", "ieee")
+        if name == "perceive_fwd_kernel" or name == "perceive_bwd_kernel":
+            return cells * C * s * (1 + NF), 0.0, "ieee", stencil
+        if name == "nca_step_fwd_kernel":
+            return cells * (2 * C * s + 1), 2.0 * cells * HID * (FC + C), prec, stencil
+        if name == "nca_step_bwd_kernel":
+            return (cells * (2 * C * s + 1 + FC * 4), 2.0 * cells * HID * (3 * FC + 2 * C), prec,
+                    stencil)
+        if name == "nca_step_bwd_dx_kernel":
+            return cells * (FC * 4 + 2 * C * s), 0.0, "ieee", stencil
+    B, C, H, W = VGG_LAYERS[case.shape]
+    N = H * W
+    half_in = case.dtype != "float32"
+    if name in ("gram_fwd_kernel", "style_fwd_kernel"):
+        prec = "half" if half_in and not kw.get("UPCAST") else kw["PREC"]
+        split = launch.grid[2] if len(launch.grid) > 2 else 1
+        out = B * C * C * (4 if split > 1 or name == "style_fwd_kernel" else s) * split
+        extra = C * C * 4 if name == "style_fwd_kernel" else 0
+        return B * C * N * s + out + extra, float(B * C * (C + 1) * N), prec, 0.0
+    if name == "gram_bwd_kernel":
+        prec = "half" if kw.get("DOT_IN_F_DTYPE") else kw["PREC"]
+        return 2 * B * C * N * s + B * C * C * 4, 2.0 * B * C * C * N, prec, 0.0
+    raise ValueError(f"no roofline formula for kernel {name}")
+
+
+def floor_us(w: tuple, card: Card) -> float:
+    nbytes, dot, kind, other = w
+    return 1e6 * max(nbytes / card.bw, (dot / _dot_rate(card, kind) if dot else 0.0)
+                     + other / card.fp32)
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+@dataclass
+class Row:
+    case: Case
+    kernel: str
+    config: str
+    grid: tuple
+    warps: int
+    work: tuple
+    res: dict  # cc -> resources
+
+
+def _config(launch) -> str:
+    kern = launch.kernel
+    const = {p.name for p in kern.params if p.is_constexpr}
+    parts = [f"{k}={v}" for k, v in launch.kwargs.items() if k in const]
+    dts = sorted({str(a.dtype).replace("torch.", "") for a in launch.args
+                  if hasattr(a, "dtype") and a.dim() > 1})
+    return " ".join(parts) + f" [{'/'.join(dts)}]"
+
+
+def build(cases: list[Case], ccs: list[int], n_jobs: int) -> list[Row]:
+    rows, jobs, keys = {}, {}, {}
+    for case in cases:
+        for cc in ccs:
+            for i, launch in enumerate(record(case, ARCHS[cc])):
+                key, *job = _job(launch, cc)
+                jobs[key] = (key, *job)
+                rk = (case.label, i)
+                if rk not in rows:
+                    rows[rk] = Row(case, launch.kernel.fn.__name__, _config(launch), launch.grid,
+                                   launch.kwargs.get("num_warps", 4), work(case, launch), {})
+                keys[(rk, cc)] = key
+    results = compile_all(jobs, n_jobs)
+    for (rk, cc), key in keys.items():
+        rows[rk].res[cc] = results[key]
+    return list(rows.values())
+
+
+def problems(rows: list[Row], ccs) -> list[str]:
+    out = []
+    for r in rows:
+        for cc in ccs:
+            res = r.res.get(cc)
+            if res is None:
+                continue
+            where = f"{ARCHS[cc].name.split()[0]} {r.case.label} {r.kernel} ({r.config})"
+            if "error" in res:
+                out.append(f"FAILS TO COMPILE {where}: {res['error']}")
+            elif res["spill_stores"] or res["spill_loads"]:
+                out.append(f"SPILLS {where}: {res['regs']} registers, {res['stack']} B stack, "
+                           f"{res['spill_stores']} B spill stores, {res['spill_loads']} B loads")
+            elif res["smem"] > ARCHS[cc].smem_block:
+                out.append(f"SHARED MEMORY {where}: {res['smem']} B > {ARCHS[cc].smem_block} B")
+    return out
+
+
+def _cell(res: dict, warps: int, arch: Arch) -> str:
+    if res is None:
+        return ""
+    if "error" in res:
+        return "compile error"
+    blocks, occ = occupancy(res, warps, arch)
+    spill = f"**{res['spill_stores']}**" if res["spill_stores"] else "0"
+    return f"{res['regs']} / {spill} / {res['smem'] // 1024} / {blocks} ({occ:.0%})"
+
+
+def markdown(rows: list[Row], ccs) -> str:
+    head = ["op", "shape", "dtype", "kernel", "config [tensor dtypes]", "grid", "warps"]
+    head += [f"{ARCHS[cc].name}" for cc in ccs] + [f"floor µs {c.name}" for c in CARDS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.case.op, r.case.shape, r.case.dtype, r.kernel, r.config,
+                 "x".join(map(str, r.grid)), str(r.warps)]
+        cells += [_cell(r.res.get(cc), r.warps, ARCHS[cc]) for cc in ccs]
+        cells += [f"{floor_us(r.work, c):.1f}" for c in CARDS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> str:
+    import torch
+    import triton
+
+    return f"triton {triton.__version__}, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastnca.gpu_static", description=__doc__.split(
+        "\n")[0])
+    ap.add_argument("--write", metavar="PATH", help="write the markdown table (with its header)")
+    ap.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 naming every configuration that spills, exceeds shared memory or "
+                         "fails to compile on the gated targets (--gate)")
+    ap.add_argument("--arch", default="80,90,100", help="compute capabilities to compile for")
+    ap.add_argument("--gate", default="80,90", help="capabilities --check fails on")
+    ap.add_argument("--only", default="", help="only cases whose label contains this text")
+    ap.add_argument("--no-defaults", action="store_true", help="only the --inject cases")
+    ap.add_argument("--inject", action="append", default=[], metavar="SPEC",
+                    help="extra case 'op,shape,dtype,key=value' (launcher keyword arguments), "
+                         "e.g. 'nca_step,texture 12/96,float32,block_m=256'")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    args = ap.parse_args(argv)
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # Interpreted kernels cannot be compiled: rerun with the interpreter off.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "fastnca.gpu_static", *(argv if argv is not None
+                                                             else sys.argv[1:])]
+        return subprocess.run(cmd, env=env).returncode
+    try:
+        ccs = [int(a) for a in args.arch.split(",") if a]
+        gate = [int(a) for a in args.gate.split(",") if a]
+        bad = [c for c in ccs + gate if c not in ARCHS]
+        if bad:
+            raise ValueError(f"--arch/--gate: unknown capability {bad[0]}; one of {list(ARCHS)}")
+        cases = [] if args.no_defaults else default_cases()
+        cases = [c for c in cases if args.only in c.label]
+        cases += [parse_inject(s) for s in args.inject]
+        for c in cases:
+            if c.dtype not in DTYPES or c.shape not in {**NCA_SHAPES, **VGG_LAYERS}:
+                raise ValueError(f"case {c.label!r}: dtype one of {DTYPES}, shape one of "
+                                 f"{[*NCA_SHAPES, *VGG_LAYERS]}")
+    except ValueError as e:
+        print(f"gpu_static: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    rows = build(cases, ccs, args.jobs)
+    secs = time.time() - t0
+    table = markdown(rows, ccs)
+    if args.write:
+        with open(args.write, "w") as fh:
+            fh.write(f"<!-- python -m fastnca.gpu_static --write {args.write}; {_versions()} -->\n")
+            fh.write(table)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([dict(case=r.case.label, kernel=r.kernel, config=r.config, grid=r.grid,
+                            warps=r.warps, res={str(k): v for k, v in r.res.items()},
+                            floor_us={c.name: floor_us(r.work, c) for c in CARDS})
+                       for r in rows], fh, indent=1)
+    if not args.write and not args.json and not args.check:
+        print(table)
+    found = problems(rows, [c for c in gate if c in ccs])
+    n = sum(len(r.res) for r in rows)
+    if args.check:
+        for p in found:
+            print(p)
+        verdict = f"{len(found)} problem(s)" if found else "clean"
+        print(f"gpu_static --check: {len(rows)} launches x {len(ccs)} targets ({n} compiles), "
+              f"gated {gate}: {verdict} ({secs:.0f} s)")
+        return 1 if found else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
