@@ -22,7 +22,8 @@ from fastnca.train.learner import (
 )
 
 EVENTS = [f"{w}_{s}" for s in ("fit", "epoch", "batch") for w in ("before", "after", "cleanup")] + [
-    "after_predict", "after_loss", "after_backward", "after_step"]
+    "after_predict", "after_loss", "after_backward", "after_step"] + [
+    f"after_cancel_{s}" for s in ("fit", "epoch", "batch")]
 STEPS = ["predict", "get_loss", "backward", "step", "zero_grad"]
 
 
@@ -113,9 +114,9 @@ def test_cancel_exceptions(where, exc, skipped, kept):
     learn.fit(2)
     ev = rec.events
     if exc is CancelBatchException:
-        # first training batch: predict ran, then nothing until cleanup_batch
+        # first training batch: predict ran, then nothing but after_cancel_batch, cleanup_batch
         i = ev.index("after_predict")
-        assert ev[i + 1] == "cleanup_batch"
+        assert ev[i + 1:i + 3] == ["after_cancel_batch", "cleanup_batch"]
         assert ev.count("after_batch") == ev.count("before_batch") - 1
         assert ev.count("after_fit") == 1 and ev.count("before_epoch") == 4
     elif exc is CancelEpochException:
@@ -123,13 +124,17 @@ def test_cancel_exceptions(where, exc, skipped, kept):
         assert ev.count("after_epoch") == ev.count("before_epoch") - 1 == 3
         assert ev.count("cleanup_epoch") == 4
         first_cleanup = ev.index("cleanup_epoch")
-        assert ev[first_cleanup - 1] == "cleanup_batch" and "after_epoch" not in ev[:first_cleanup]
+        assert ev[first_cleanup - 2:first_cleanup] == ["cleanup_batch", "after_cancel_epoch"]
+        assert "after_epoch" not in ev[:first_cleanup]
         assert ev.count("after_fit") == 1
     else:
         # cancel at the end of epoch 0's training: no valid, no epoch 1, no after_fit
         assert ev.count("before_epoch") == 1
-        assert ev[-2:] == ["cleanup_epoch", "cleanup_fit"]
-    assert skipped in EVENTS and kept in ev
+        assert ev[-3:] == ["cleanup_epoch", "after_cancel_fit", "cleanup_fit"]
+    scope = skipped.split("_")[1]  # the cancelled scope: its after_ is skipped exactly once,
+    assert ev.count(f"after_{scope}") == ev.count(f"before_{scope}") - 1  # after_cancel_ runs
+    assert ev.count(f"after_cancel_{scope}") == 1  # instead, and cleanup_ always
+    assert ev.count(f"cleanup_{scope}") == ev.count(f"before_{scope}") and kept in ev
 
 
 def test_errors_propagate_and_cleanup_runs():
