@@ -104,3 +104,15 @@ def test_plot_losses_and_pool_image(tmp_path):
     plot_losses([1.0], tmp_path / "one.png")
     g = pool_image(torch.rand(5, 3, 8, 8), min_side=64)
     assert g.shape[0] == 3 and min(g.shape[1:]) >= 64
+
+
+def test_mp4_is_written_and_reads_back(tmp_path):
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")  # in the dev extra
+    frames = [np.full((9, 11, 3), v, np.uint8) for v in (30, 130, 230)]  # odd sides: padded
+    p = write_animation(frames, tmp_path / "a.mp4", fps=10, scale=2)
+    reader = imageio_ffmpeg.read_frames(str(p))
+    meta = next(reader)
+    back = [np.frombuffer(f, np.uint8) for f in reader]
+    assert meta["size"] == (22, 18) and len(back) == 3
+    assert [int(round(f.mean())) for f in back] == pytest.approx([30, 130, 230], abs=6)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.mp4"]  # no temp file left

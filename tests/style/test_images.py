@@ -150,3 +150,25 @@ def test_builtin_content_and_errors():
         builtin_texture("nope")
     with pytest.raises(ValueError, match="size: expected an int >= 8"):
         builtin_texture("dots", 4)
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    """A camera JPEG stored landscape with EXIF orientation 6 (rotate 90 degrees clockwise to
+    view) loads upright: portrait, with the stored left column on top."""
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = (250, 0, 0)  # red band on the stored image's left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "cam.jpg", exif=exif, quality=95)
+    img = load_image(tmp_path / "cam.jpg", verbose=False)
+    assert tuple(img.shape) == (1, 3, 40, 20)
+    assert img[0, 0, :8].mean() > 0.8 and img[0, 0, -8:].mean() < 0.2  # red on top
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path):
+    cmyk = Image.new("CMYK", (12, 10), (0, 255, 255, 0))  # no cyan/black, full magenta+yellow
+    cmyk.save(tmp_path / "print.jpg", quality=95)
+    img = load_image(tmp_path / "print.jpg", verbose=False)
+    assert tuple(img.shape) == (1, 3, 10, 12)
+    r, g, b = img[0].mean(dim=(1, 2)).tolist()
+    assert r > 0.9 and g < 0.1 and b < 0.1  # red, as printed

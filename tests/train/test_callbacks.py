@@ -369,3 +369,17 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "dict.pt")
     with pytest.raises(ValueError, match="every"):
         CheckpointCB(path, every=0)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_checkpoint_cb_refuses_a_pickle_with_code(tmp_path, capsys):
+    path = tmp_path / "c.pt"
+    torch.save({"format": "fastnca-checkpoint-1", "step": 1, "model": _RunsCode()}, path)
+    learn, _ = _ckpt_learner(path, 0)
+    with pytest.raises(ValueError, match="unsafe content"):
+        learn.fit(1)
+    assert "code ran" not in capsys.readouterr().out
