@@ -64,6 +64,12 @@ SEED_WHY = " (torch.manual_seed takes a 64-bit integer)"
 VGG_FLOATS_PER_PIXEL = 600  # float32 activations kept for backward per input pixel, relu1_1..5_1
 
 
+def min_grid_size(layers) -> int:
+    """Smallest grid side (and style-image side) for style features at VGG16 ``layers``:
+    2^(max pools before the deepest one), 16 for relu5_1 (index 25)."""
+    return 2 ** sum(max(layers) >= i for i in VGG_POOLS)
+
+
 def memory_parts(cfg: TrainConfig) -> dict[str, float]:
     """Bytes of the large buffers of one training iteration (float32), by part.
 
@@ -157,10 +163,10 @@ class TrainConfig:
         a grid of at least 2^(poolings before the deepest layer) cells (16 for relu5_1), and the
         job must fit in memory (``memory_parts``)."""
         check_int("channels", self.channels, 3, why=" (RGB is read from channels 0..2)")
-        pools = sum(max(self.layers) >= i for i in VGG_POOLS)
-        check_int("size", self.size, 2**pools,
-                  why=f" (the style features at VGG16 index {max(self.layers)} come after {pools} "
-                  f"2x2 poolings: {2**pools} cells -> 1)")
+        need = min_grid_size(self.layers)
+        check_int("size", self.size, need,
+                  why=f" (the style features at VGG16 index {max(self.layers)} come after "
+                  f"{need.bit_length() - 1} 2x2 poolings: {need} cells -> 1)")
         check_memory(f"training {self.size}x{self.size} grids (pool {self.pool}, batch "
                      f"{self.batch}, {self.channels} channels, {self.hidden} hidden, up to "
                      f"{self.max_steps} steps)", memory_parts(self),

@@ -34,19 +34,21 @@ class ImageError(ValueError):
 MIN_SIDE = 16  # smallest image side the style features take: relu5_1 is 1/16 of the input
 
 
-def check_min_side(name: str, w: int, h: int, size: int | None, orig=None) -> None:
-    """Refuse a (w x h) image whose shorter side is under MIN_SIDE px (one line, what to do)."""
-    if min(w, h) >= MIN_SIDE:
+def check_min_side(name: str, w: int, h: int, size: int | None, orig=None,
+                   min_side: int = MIN_SIDE) -> None:
+    """Refuse a (w x h) image whose shorter side is under ``min_side`` px (default MIN_SIDE, for
+    features up to relu5_1); ``orig``: its (w, h) before resizing. One line, says what to do."""
+    if min(w, h) >= min_side:
         return
     ow, oh = orig or (w, h)
-    if min(ow, oh) < MIN_SIDE:
-        fix = f"use an image at least {MIN_SIDE} px on each side"
+    if min(ow, oh) < min_side:
+        fix = f"use an image at least {min_side} px on each side"
     else:
-        need = math.ceil(MIN_SIDE * max(ow, oh) / min(ow, oh))
+        need = math.ceil(min_side * max(ow, oh) / min(ow, oh))
         fix = f"crop it nearer to square or use a size of at least {need}"
     when = f" after resizing to size {size}" if size is not None and (w, h) != (ow, oh) else ""
-    raise ImageError(f"{name} is {w}x{h} px{when}: its shorter side is under {MIN_SIDE} px, the "
-                     f"smallest the style features take (VGG16 pools 4 times); {fix}")
+    raise ImageError(f"{name} is {w}x{h} px{when}: its shorter side is under {min_side} px, the "
+                     f"smallest the style features take (VGG16 pools before them); {fix}")
 
 
 def _to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
