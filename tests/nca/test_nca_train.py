@@ -294,8 +294,10 @@ def test_resolve_style_file_builtin_name_and_default(tmp_path):
     assert what == "built-in texture 'dots'" and img.shape == (1, 3, 16, 16)
     assert resolve_style(None, 16, "stripes")[1] == "built-in texture 'stripes'"
     save_image(torch.rand(3, 40, 30), tmp_path / "s.png")
-    img, what = resolve_style(tmp_path / "s.png", 20)
-    assert img.shape == (1, 3, 20, 15) and "s.png" in what  # shrunk to the grid size
+    img, what = resolve_style(tmp_path / "s.png", 24)
+    assert img.shape == (1, 3, 24, 18) and "s.png" in what  # shrunk to the grid size
+    with pytest.raises(ValueError, match="shorter side is under 16 px"):
+        resolve_style(tmp_path / "s.png", 20)  # 20x15: too small for relu5_1
     assert torch.equal(img, (img * 255).round() / 255)  # 8-bit levels, as style.png stores
     with pytest.raises(ValueError, match="built-in: builtin:"):
         resolve_style(tmp_path / "nope.png", 16)
