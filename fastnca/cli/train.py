@@ -38,7 +38,8 @@ def add_parser(sub):
         "(default) the ImageNet VGG16 weights come from the torch hub cache, else are downloaded "
         "once (528 MB, progress on stderr, at most FASTNCA_DOWNLOAD_DEADLINE seconds, default "
         "600), else the offline fallback features are used; FASTNCA_OFFLINE=1, --weights random "
-        "or --weights FILE never download. Limits, checked before any work: --size >= 16, "
+        "or --weights FILE never download. Limits, checked before any work: --size >= 16, a "
+        "style image whose shorter side falls under 16 px when shrunk to --size is refused, "
         "--channels >= 3, --iters <= 1000000, and the estimated memory within half of this "
         "machine's RAM.")
     p.add_argument("style", nargs="?", metavar="STYLE_IMAGE",
