@@ -48,8 +48,8 @@ class GrowConfig:
     max_steps: int = 48
     damage: int = 0  # samples damaged per iteration (the regenerating experiment: 3)
     lr: float = 2e-3
-    lr_drop: int = 700  # lr x0.1 from this iteration
-    iters: int = 900
+    lr_drop: int = 800  # lr x0.1 from this iteration
+    iters: int = 1000
     seed: int = 0
     threads: int = 1  # torch CPU threads during training (0: leave torch's setting)
 
