@@ -22,7 +22,7 @@ from torch import nn
 
 from fastnca._device import resolve_device
 from fastnca.nca.checkpoint import CHECKPOINT_NAME
-from fastnca.nca.config import TrainConfig, make_config
+from fastnca.nca.config import TrainConfig, make_config, min_grid_size
 from fastnca.nca.recipe import NCACB, TextureLoss, build_model
 from fastnca.nca.rundir import (
     CONFIG_NAME,
@@ -33,6 +33,7 @@ from fastnca.nca.rundir import (
     check_new_run_dir,
     load_run,
 )
+from fastnca.style.images import check_min_side
 from fastnca.train.checkpoint import capture, restore, set_rng_state
 from fastnca.train.learner import Callback, CancelFitException, Learner
 
@@ -133,6 +134,8 @@ class TrainingRun:
         self.cfg, self.run_dir, self.resumed = cfg, run, resume is not None
         self.device = resolve_device(cfg.device)
         self.style_img, self.style_what = resolve_style(style, cfg.size, cfg.texture)
+        h, w = self.style_img.shape[-2:]  # a file already smaller than the features can use
+        check_min_side(self.style_what, w, h, None, min_side=min_grid_size(cfg.layers))
         self.features = VGG16Features(cfg.layers, weights=cfg.weights)
 
     def _learner(self, model, nca: NCACB, save, stop: GracefulStop) -> Learner:

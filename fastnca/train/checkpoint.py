@@ -40,9 +40,10 @@ def load_file(path):
                               f"({type(e).__name__})") from None
     except pickle.UnpicklingError as e:
         msg = str(e)
-        i = msg.find("Unsupported global:")
+        i = max(msg.find("Unsupported global:"), msg.find("unsupported GLOBAL"))
         if i >= 0:  # a pickled class or function: refused by weights_only, never run
             what = msg[i:].splitlines()[0].split(" was not an allowed global")[0]
+            what = what.split(" whose module")[0]
             raise CheckpointError(f"{str(p)!r} holds unsafe content: objects other than tensors "
                                   f"and plain data ({what[:100]}); refused, nothing was run") \
                 from None

@@ -94,18 +94,12 @@ def _saved(obj) -> bytes:
     return buf.getvalue()
 
 
-_BLOCKED = pytest.mark.xfail(strict=True, reason="load_file in fastnca/train/checkpoint.py "
-                             "recognises 'Unsupported global:' only, not torch's 'unsupported "
-                             "GLOBAL ... is blocked' (os.system); the fix is a one-line change "
-                             "there (see the reliability note)")
-
-
 @pytest.mark.parametrize("content, words", [
     (b"", "truncated or not a"),
     (b"\x00" * 100, "truncated or not a"),
     (_saved({"format": "fastnca-nca", "model": torch.nn.Linear(2, 2)}), "unsafe content"),
-    pytest.param(_saved({"x": _Boom()}), "unsafe content", marks=_BLOCKED),
-    pytest.param(pickle.dumps({"x": _Boom()}, protocol=2), "unsafe content", marks=_BLOCKED),
+    pytest.param(_saved({"x": _Boom()}), "unsafe content"),
+    pytest.param(pickle.dumps({"x": _Boom()}, protocol=2), "unsafe content"),
 ])
 def test_checkpoint_problems_say_which(content, words, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
