@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# GPU check: one command for a CUDA machine (about 5 minutes on an H100, bounded at 8).
+# GPU check: one command for a CUDA machine (about 5 minutes on an H100, bounded at 8: 200 s
+# tests + 240 s suite + 150 s floors).
 #   1. every Triton op against fastnca.reference, compiled for the GPU (TRITON_INTERPRET unset):
-#      benchmarks/test_cuda_kernels.py, incl. opcheck with all test_utils and compile fullgraph;
+#      tests/gpu/cuda_kernels.py, incl. opcheck with all test_utils and compile fullgraph;
 #   2. the ops benchmark suite on CUDA: lesson eager vs torch.compile vs fastnca, with GB/s;
-#   3. writes docs/gpu_check.json, docs/gpu_check.md (card, versions, test tally, table) and
+#   3. every float32 kernel launch timed against its static roofline floor (% of floor);
+#   4. writes docs/gpu_check.json, docs/gpu_check.md (card, versions, test tally, table) and
 #      docs/gpu_check.png when matplotlib is installed.
 # Usage: bash benchmarks/gpu_check.sh            (PYTHON=... to pick the interpreter; default
 #        .venv/bin/python when present, else python3). Exit 0 only if tests and suite pass.
@@ -26,8 +28,8 @@ fi
 mkdir -p docs
 echo "== gpu_check on $card: kernel tests on CUDA ($(date -u +%T))"
 # ~1 min; the bound leaves the suite its time inside 8 minutes.
-timeout 200 "$PY" -m pytest -c benchmarks/pytest.ini --rootdir benchmarks \
-  benchmarks/test_cuda_kernels.py -q -p no:cacheprovider 2>&1 | tee docs/gpu_check_tests.log
+timeout 200 "$PY" -m pytest tests/gpu/cuda_kernels.py -q -x --confcutdir tests/gpu \
+  -p no:cacheprovider 2>&1 | tee docs/gpu_check_tests.log
 rc_tests=${PIPESTATUS[0]}
 tally=$(grep -E "^[0-9]+ (passed|failed)|passed|failed|error" docs/gpu_check_tests.log | tail -1)
 
@@ -35,16 +37,22 @@ echo "== gpu_check: ops suite on CUDA ($(date -u +%T))"
 plot=()
 "$PY" -c "import matplotlib" 2>/dev/null && plot=(--plot docs/gpu_check.png)
 # Ratio gate against this card's committed baseline; without one, record it (commit the file).
-kind=$("$PY" -c "from fastnca.bench import device_kind as k, machine_info as m; print(k(m('cuda')))")
-baseline=benchmarks/baselines/$kind.json
+kind=$("$PY" -c "from fastnca.bench.rows import device_kind as k, machine_info as m; print(k(m('cuda')))")
+baseline=fastnca/bench/baselines/$kind.json
 if [ -f "$baseline" ]; then
   gate=(--gate); gate_note="ratio gate against $baseline"
 else
   gate=(--write-baseline); gate_note="no baseline for $kind yet: recorded $baseline, commit it"
 fi
-timeout 240 "$PY" -m fastnca.cli bench --suite ops --device cuda --json docs/gpu_check.json \
+timeout 240 "$PY" -c "import sys; from fastnca.cli import main; sys.exit(main())" bench --suite ops --device cuda --json docs/gpu_check.json \
   --markdown docs/gpu_check_table.md "${plot[@]}" "${gate[@]}"
 rc_bench=$?
+
+echo "== gpu_check: float32 kernel launches against their static floors ($(date -u +%T))"
+# Every recorded launch of the static report (python -m fastnca.gpu_static) timed with
+# triton.testing.do_bench (median, L2 flushed before each rep), beside its roofline floor.
+timeout 150 "$PY" -m fastnca.gpu_static --only float32 --time docs/gpu_check_floors.md
+rc_floor=$?
 
 {
   echo "# GPU check: $card"
@@ -55,7 +63,11 @@ rc_bench=$?
   echo "Ops suite exit: $rc_bench ($gate_note)."
   echo
   [ -f docs/gpu_check_table.md ] && cat docs/gpu_check_table.md
+  echo
+  echo "Kernel launches against their static floors (exit $rc_floor; floors from docs/gpu_static.md):"
+  echo
+  [ -f docs/gpu_check_floors.md ] && cat docs/gpu_check_floors.md
 } > docs/gpu_check.md
-rm -f docs/gpu_check_table.md
+rm -f docs/gpu_check_table.md docs/gpu_check_floors.md
 echo "== gpu_check: wrote docs/gpu_check.md and docs/gpu_check.json ($(( $(date +%s) - t0 )) s)"
 [ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ]

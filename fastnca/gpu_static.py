@@ -76,8 +76,14 @@ CARDS = (
 
 def _dot_rate(card: Card, kind: str) -> float:
     # kind: "ieee" (FP32 FMA), "tf32", "tf32x3" (3 TF32 products), "bf16x3"/"bf16x6", "half".
-    return {"ieee": card.fp32, "tf32": card.tf32, "tf32x3": card.tf32 / 3, "half": card.half,
-            "bf16x3": card.half / 3, "bf16x6": card.half / 6}[kind]
+    return {
+        "ieee": card.fp32,
+        "tf32": card.tf32,
+        "tf32x3": card.tf32 / 3,
+        "half": card.half,
+        "bf16x3": card.half / 3,
+        "bf16x6": card.half / 6,
+    }[kind]
 
 
 # ---------------------------------------------------------------------------------- cases
@@ -136,8 +142,9 @@ def parse_inject(spec: str) -> Case:
     return Case(parts[0], parts[1], parts[2], kw)
 
 
-def record(case: Case, arch: Arch) -> list:
-    """Call the op's launchers (forward and backward) on meta tensors; -> list of Launch."""
+def record(case: Case, arch: Arch, device: str = "meta", gpu=None) -> list:
+    """Call the op's launchers (forward and backward) on ``device`` tensors (meta: no data) as
+    they would run on ``arch`` (or the given ``GpuInfo``); -> list of Launch, nothing launched."""
     import torch
 
     from fastnca.kernels import _launch
@@ -146,10 +153,11 @@ def record(case: Case, arch: Arch) -> list:
     from fastnca.kernels.perceive import perceive_bwd, perceive_fwd
 
     dt = getattr(torch, case.dtype)
-    meta = dict(device="meta")
-    f32 = dict(device="meta", dtype=torch.float32)
+    meta = dict(device=device)
+    f32 = dict(device=device, dtype=torch.float32)
     kw = case.kwargs
-    with _launch.recording(_launch.GpuInfo((arch.cc // 10, arch.cc % 10), arch.sms)) as rec:
+    gpu = gpu or _launch.GpuInfo((arch.cc // 10, arch.cc % 10), arch.sms)
+    with _launch.recording(gpu) as rec:
         if case.op in ("nca_step", "perceive"):
             B, C, H, W, HID = NCA_SHAPES[case.shape]
             x = torch.empty((B, C, H, W), dtype=dt, **meta)
@@ -171,8 +179,13 @@ def record(case: Case, arch: Arch) -> list:
                 gram_bwd(torch.empty(g.shape, dtype=dt, **meta), f, sym=True)
             else:
                 _, s = style_fwd(f, torch.empty((C, C), **f32), save=True, **kw)
-                gram_bwd(torch.empty((B, C, C), **f32), f, sym=False,
-                         grad_scale=torch.empty((), **f32), scale=1.0)
+                gram_bwd(
+                    torch.empty((B, C, C), **f32),
+                    f,
+                    sym=False,
+                    grad_scale=torch.empty((), **f32),
+                    scale=1.0,
+                )
         else:
             raise ValueError(f"unknown op {case.op!r}; one of nca_step, perceive, gram, style_loss")
     return list(rec)
@@ -186,7 +199,8 @@ _REGS = re.compile(r"Used (\d+) registers")
 
 def _cache_dir() -> str:
     d = os.environ.get("FASTNCA_GPU_STATIC_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "fastnca", "gpu_static")
+        os.path.expanduser("~"), ".cache", "fastnca", "gpu_static"
+    )
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -212,7 +226,7 @@ def _job(launch, cc: int):
 
 
 def _compile(job) -> dict:
-    """Compile one job; -> resources dict (regs, stack, spill_stores, spill_loads, smem) or error."""
+    """Compile one job -> resources (regs, stack, spill_stores, spill_loads, smem) or error."""
     import triton
 
     _, src, target, options = job
@@ -228,9 +242,14 @@ def _compile(job) -> dict:
     m, r = _PTXAS.search(log), _REGS.search(log)
     if not m or not r:
         return {"error": "no ptxas -v log in the compile output"}
-    return {"regs": int(r.group(1)), "stack": int(m.group(1)), "spill_stores": int(m.group(2)),
-            "spill_loads": int(m.group(3)), "smem": int(ck.metadata.shared),
-            "num_stages": int(ck.metadata.num_stages)}
+    return {
+        "regs": int(r.group(1)),
+        "stack": int(m.group(1)),
+        "spill_stores": int(m.group(2)),
+        "spill_loads": int(m.group(3)),
+        "smem": int(ck.metadata.shared),
+        "num_stages": int(ck.metadata.num_stages),
+    }
 
 
 _JOBS: dict = {}  # key -> job, read by forked compile workers (jobs hold unpicklable kernels)
@@ -244,7 +263,7 @@ def compile_all(jobs: dict, n_jobs: int) -> dict:
     """{key: job} -> {key: resources}, from the cache where present, else compiled (in parallel)."""
     cache = _cache_dir()
     out, todo = {}, []
-    for key, job in jobs.items():
+    for key in jobs:
         path = os.path.join(cache, key + ".json")
         if os.path.exists(path):
             with open(path) as fh:
@@ -252,8 +271,11 @@ def compile_all(jobs: dict, n_jobs: int) -> dict:
         else:
             todo.append(key)
     if todo:
-        print(f"gpu_static: compiling {len(todo)} kernel configurations "
-              f"({len(out)} cached) with {n_jobs} process(es)", file=sys.stderr)
+        print(
+            f"gpu_static: compiling {len(todo)} kernel configurations "
+            f"({len(out)} cached) with {n_jobs} process(es)",
+            file=sys.stderr,
+        )
         _JOBS.clear()
         _JOBS.update(jobs)
         if n_jobs > 1 and len(todo) > 1:
@@ -310,8 +332,12 @@ def work(case: Case, launch) -> tuple[float, float, str, float]:
         if name == "nca_step_fwd_kernel":
             return cells * (2 * C * s + 1), 2.0 * cells * HID * (FC + C), prec, stencil
         if name == "nca_step_bwd_kernel":
-            return (cells * (2 * C * s + 1 + FC * 4), 2.0 * cells * HID * (3 * FC + 2 * C), prec,
-                    stencil)
+            return (
+                cells * (2 * C * s + 1 + FC * 4),
+                2.0 * cells * HID * (3 * FC + 2 * C),
+                prec,
+                stencil,
+            )
         if name == "nca_step_bwd_dx_kernel":
             return cells * (FC * 4 + 2 * C * s), 0.0, "ieee", stencil
     B, C, H, W = VGG_LAYERS[case.shape]
@@ -331,8 +357,9 @@ def work(case: Case, launch) -> tuple[float, float, str, float]:
 
 def floor_us(w: tuple, card: Card) -> float:
     nbytes, dot, kind, other = w
-    return 1e6 * max(nbytes / card.bw, (dot / _dot_rate(card, kind) if dot else 0.0)
-                     + other / card.fp32)
+    return 1e6 * max(
+        nbytes / card.bw, (dot / _dot_rate(card, kind) if dot else 0.0) + other / card.fp32
+    )
 
 
 # ---------------------------------------------------------------------------------- report
@@ -353,8 +380,13 @@ def _config(launch) -> str:
     kern = launch.kernel
     const = {p.name for p in kern.params if p.is_constexpr}
     parts = [f"{k}={v}" for k, v in launch.kwargs.items() if k in const]
-    dts = sorted({str(a.dtype).replace("torch.", "") for a in launch.args
-                  if hasattr(a, "dtype") and a.dim() > 1})
+    dts = sorted(
+        {
+            str(a.dtype).replace("torch.", "")
+            for a in launch.args
+            if hasattr(a, "dtype") and a.dim() > 1
+        }
+    )
     return " ".join(parts) + f" [{'/'.join(dts)}]"
 
 
@@ -367,8 +399,15 @@ def build(cases: list[Case], ccs: list[int], n_jobs: int) -> list[Row]:
                 jobs[key] = (key, *job)
                 rk = (case.label, i)
                 if rk not in rows:
-                    rows[rk] = Row(case, launch.kernel.fn.__name__, _config(launch), launch.grid,
-                                   launch.kwargs.get("num_warps", 4), work(case, launch), {})
+                    rows[rk] = Row(
+                        case,
+                        launch.kernel.fn.__name__,
+                        _config(launch),
+                        launch.grid,
+                        launch.kwargs.get("num_warps", 4),
+                        work(case, launch),
+                        {},
+                    )
                 keys[(rk, cc)] = key
     results = compile_all(jobs, n_jobs)
     for (rk, cc), key in keys.items():
@@ -387,8 +426,10 @@ def problems(rows: list[Row], ccs) -> list[str]:
             if "error" in res:
                 out.append(f"FAILS TO COMPILE {where}: {res['error']}")
             elif res["spill_stores"] or res["spill_loads"]:
-                out.append(f"SPILLS {where}: {res['regs']} registers, {res['stack']} B stack, "
-                           f"{res['spill_stores']} B spill stores, {res['spill_loads']} B loads")
+                out.append(
+                    f"SPILLS {where}: {res['regs']} registers, {res['stack']} B stack, "
+                    f"{res['spill_stores']} B spill stores, {res['spill_loads']} B loads"
+                )
             elif res["smem"] > ARCHS[cc].smem_block:
                 out.append(f"SHARED MEMORY {where}: {res['smem']} B > {ARCHS[cc].smem_block} B")
     return out
@@ -409,8 +450,15 @@ def markdown(rows: list[Row], ccs) -> str:
     head += [f"{ARCHS[cc].name}" for cc in ccs] + [f"floor µs {c.name}" for c in CARDS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.case.op, r.case.shape, r.case.dtype, r.kernel, r.config,
-                 "x".join(map(str, r.grid)), str(r.warps)]
+        cells = [
+            r.case.op,
+            r.case.shape,
+            r.case.dtype,
+            r.kernel,
+            r.config,
+            "x".join(map(str, r.grid)),
+            str(r.warps),
+        ]
         cells += [_cell(r.res.get(cc), r.warps, ARCHS[cc]) for cc in ccs]
         cells += [f"{floor_us(r.work, c):.1f}" for c in CARDS]
         lines.append("| " + " | ".join(cells) + " |")
@@ -424,30 +472,123 @@ def _versions() -> str:
     return f"triton {triton.__version__}, torch {torch.__version__}"
 
 
+def measure(cases: list[Case]) -> str:
+    """On a CUDA machine: every recorded launch timed with triton.testing.do_bench (median, L2
+    flushed before each rep) beside its static floor for this card -> markdown table."""
+    import torch
+    import triton.testing
+
+    from fastnca.kernels import _launch
+
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    cc = p.major * 10 + p.minor
+    gpu = _launch.GpuInfo((p.major, p.minor), p.multi_processor_count)
+    card = next((c for c in CARDS if c.name.split("-")[0] in p.name), None)
+    card = card or next((c for c in CARDS if c.cc == cc), None)
+    name = card.name if card else "no floor for this card"
+    lines = [
+        f"| case | kernel | µs (median) | floor µs ({name}) | % of floor |",
+        "|---|---|---|---|---|",
+    ]
+    for case in cases:
+        torch.manual_seed(0)
+        for launch in record(case, ARCHS.get(cc, ARCHS[80]), device="cuda", gpu=gpu):
+            for a in launch.args:  # defined values (empty buffers may hold NaN or inf)
+                if isinstance(a, torch.Tensor) and a.is_floating_point():
+                    a.normal_()
+
+            def run(la=launch):
+                la.kernel[la.grid](*la.args, **la.kwargs)
+
+            us = 1e3 * triton.testing.do_bench(run, warmup=5, rep=25)
+            floor = floor_us(work(case, launch), card) if card else float("nan")
+            name = launch.kernel.fn.__name__
+            pct = 100 * floor / us
+            lines.append(f"| {case.label} | {name} | {us:.1f} | {floor:.1f} | {pct:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+_DOC = """# Static GPU report
+
+Every Triton kernel launch of fastnca, compiled for three NVIDIA targets on a machine without a GPU,
+with the resources ptxas reports and the roofline floor of the launch. Regenerate with
+
+    python -m fastnca.gpu_static --write docs/gpu_static.md
+
+(compiled results are cached under `~/.cache/fastnca/gpu_static`, or `$FASTNCA_GPU_STATIC_CACHE`,
+keyed by Triton source hash, specialisation, options, target and triton version). CI runs
+`python -m fastnca.gpu_static --check`, which exits 1 naming every default configuration that
+spills, exceeds the per-block shared memory or fails to compile on sm_80 or sm_90.
+
+How: the real launchers (`fastnca/kernels/*.py`) are called on meta tensors inside
+`fastnca.kernels._launch.recording(GpuInfo(capability, SMs))`; they launch nothing and record the
+kernel, arguments, constexprs, grid and warps they would use on that GPU (dot precision and
+persistent grids follow the recorded capability and SM count, as on the card). Each launch is
+compiled with Triton's own binder and `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc,
+32))` down to a cubin with the wheel's ptxas; `ptxas -v` gives registers and spill bytes, the
+compiled metadata the shared memory.
+
+Cases: nca_step and perceive at the lesson (4 channels, 8 hidden, 4x256x256), texture (12/96,
+4x128x128) and 16/128 (4x128x128) shapes, 4 filters; gram and style_loss (training: residual
+saved) at VGG16 relu1_1..relu5_1 of one 256x256 image (64/128/256/512/512 channels at 256², 128²,
+64², 32², 16²); each in float32, bfloat16, float16, forward and backward launches.
+
+Cell legend per target: `registers / spill-store bytes / shared memory KiB / blocks per SM
+(occupancy)`. Occupancy = resident warps / 64, from registers (allocated per warp in units of 256,
+65536 per SM), shared memory (per SM: sm_80 164 KiB, sm_90/sm_100 228 KiB; +1 KiB reserved per
+block; per-block limit 163 / 227 KiB) and warps (64 per SM, 32 blocks).
+
+Roofline floor of one launch, µs = max(bytes / HBM bandwidth, dot FLOPs / dot peak + other FLOPs /
+FP32 peak), with the bytes the launch must move (its inputs and outputs once; scratch it writes,
+such as nca_step's dP, counts) and the useful FLOPs (Gram: upper triangle). Peaks used (dense,
+vendor data sheets): {cards}. Dot peak by precision: "ieee" = FP32 FMA, "tf32", "tf32x3" = TF32 / 3,
+"half" (bf16/fp16 operands, fp32 accumulation). float32 Gram dots are "ieee" because torch's default
+float32 matmul precision is "highest" (set "high" for TF32). sm_100 has no floor column.
+
+"""
+
+
+def document(rows: list[Row], ccs) -> str:
+    cards = "; ".join(
+        f"{c.name} {c.bw / 1e12:.3g} TB/s, FP32 {c.fp32 / 1e12:.3g}, TF32 {c.tf32 / 1e12:.3g}, "
+        f"bf16/fp16 {c.half / 1e12:.3g} TFLOP/s"
+        for c in CARDS
+    )
+    return _DOC.format(cards=cards) + f"Made with {_versions()}.\n\n" + markdown(rows, ccs)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastnca.gpu_static", description=__doc__.split(
-        "\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m fastnca.gpu_static", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--write", metavar="PATH", help="write the markdown table (with its header)")
     ap.add_argument("--json", metavar="PATH", help="write the rows as JSON")
-    ap.add_argument("--check", action="store_true",
-                    help="exit 1 naming every configuration that spills, exceeds shared memory or "
-                         "fails to compile on the gated targets (--gate)")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 naming every configuration that spills, exceeds shared memory or "
+        "fails to compile on the gated targets (--gate)",
+    )
     ap.add_argument("--arch", default="80,90,100", help="compute capabilities to compile for")
     ap.add_argument("--gate", default="80,90", help="capabilities --check fails on")
     ap.add_argument("--only", default="", help="only cases whose label contains this text")
     ap.add_argument("--no-defaults", action="store_true", help="only the --inject cases")
-    ap.add_argument("--inject", action="append", default=[], metavar="SPEC",
-                    help="extra case 'op,shape,dtype,key=value' (launcher keyword arguments), "
-                         "e.g. 'nca_step,texture 12/96,float32,block_m=256'")
+    ap.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="extra case 'op,shape,dtype,key=value' (launcher keyword arguments), "
+        "e.g. 'nca_step,texture 12/96,float32,block_m=256'",
+    )
+    ap.add_argument(
+        "--time",
+        metavar="PATH",
+        help="on a CUDA machine: time every launch (do_bench) against its floor, write markdown",
+    )
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     args = ap.parse_args(argv)
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        # Interpreted kernels cannot be compiled: rerun with the interpreter off.
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "fastnca.gpu_static", *(argv if argv is not None
-                                                             else sys.argv[1:])]
-        return subprocess.run(cmd, env=env).returncode
     try:
         ccs = [int(a) for a in args.arch.split(",") if a]
         gate = [int(a) for a in args.gate.split(",") if a]
@@ -459,25 +600,52 @@ def main(argv: list[str] | None = None) -> int:
         cases += [parse_inject(s) for s in args.inject]
         for c in cases:
             if c.dtype not in DTYPES or c.shape not in {**NCA_SHAPES, **VGG_LAYERS}:
-                raise ValueError(f"case {c.label!r}: dtype one of {DTYPES}, shape one of "
-                                 f"{[*NCA_SHAPES, *VGG_LAYERS]}")
+                raise ValueError(
+                    f"case {c.label!r}: dtype one of {DTYPES}, shape one of "
+                    f"{[*NCA_SHAPES, *VGG_LAYERS]}"
+                )
     except ValueError as e:
         print(f"gpu_static: {e}", file=sys.stderr)
         return 2
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # Interpreted kernels cannot be compiled: rerun with the interpreter off.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "fastnca.gpu_static",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+        return subprocess.run(cmd, env=env).returncode
+    if args.time:
+        with open(args.time, "w") as fh:
+            fh.write(measure(cases))
+        return 0
     t0 = time.time()
     rows = build(cases, ccs, args.jobs)
     secs = time.time() - t0
     table = markdown(rows, ccs)
     if args.write:
         with open(args.write, "w") as fh:
-            fh.write(f"<!-- python -m fastnca.gpu_static --write {args.write}; {_versions()} -->\n")
-            fh.write(table)
+            fh.write(document(rows, ccs))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump([dict(case=r.case.label, kernel=r.kernel, config=r.config, grid=r.grid,
-                            warps=r.warps, res={str(k): v for k, v in r.res.items()},
-                            floor_us={c.name: floor_us(r.work, c) for c in CARDS})
-                       for r in rows], fh, indent=1)
+            json.dump(
+                [
+                    dict(
+                        case=r.case.label,
+                        kernel=r.kernel,
+                        config=r.config,
+                        grid=r.grid,
+                        warps=r.warps,
+                        res={str(k): v for k, v in r.res.items()},
+                        floor_us={c.name: floor_us(r.work, c) for c in CARDS},
+                    )
+                    for r in rows
+                ],
+                fh,
+                indent=1,
+            )
     if not args.write and not args.json and not args.check:
         print(table)
     found = problems(rows, [c for c in gate if c in ccs])
@@ -486,8 +654,10 @@ def main(argv: list[str] | None = None) -> int:
         for p in found:
             print(p)
         verdict = f"{len(found)} problem(s)" if found else "clean"
-        print(f"gpu_static --check: {len(rows)} launches x {len(ccs)} targets ({n} compiles), "
-              f"gated {gate}: {verdict} ({secs:.0f} s)")
+        print(
+            f"gpu_static --check: {len(rows)} launches x {len(ccs)} targets ({n} compiles), "
+            f"gated {gate}: {verdict} ({secs:.0f} s)"
+        )
         return 1 if found else 0
     return 0
 

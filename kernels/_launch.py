@@ -77,8 +77,9 @@ def gpu_info(device: torch.device) -> GpuInfo | None:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _GPU_CACHE:
         p = torch.cuda.get_device_properties(idx)
-        _GPU_CACHE[idx] = GpuInfo((p.major, p.minor), p.multi_processor_count,
-                                  torch.version.hip is None)
+        _GPU_CACHE[idx] = GpuInfo(
+            (p.major, p.minor), p.multi_processor_count, torch.version.hip is None
+        )
     return _GPU_CACHE[idx]
 
 

@@ -40,6 +40,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from fastnca.kernels._launch import gpu_info, launch
 
 
@@ -199,6 +200,12 @@ def _fwd_blocks(C: int, dtype: torch.dtype, block_m, block_k) -> tuple[int, int]
     return bm, bk
 
 
+def _fwd_warps(dtype: torch.dtype) -> int:
+    # 8 warps: the (64, 64) fp32 accumulator tile on 4 warps spilled (sm_90 fp32, sm_80 half);
+    # spill-free on sm_80/sm_90/sm_100 with 8 (docs/gpu_static.md).
+    return 8
+
+
 def _sm_count(device: torch.device) -> int:
     gpu = None if _interpreting() else gpu_info(device)
     return 1 if gpu is None else gpu.sm_count
@@ -220,7 +227,7 @@ def _common(f: torch.Tensor):
 
 def gram_fwd(f: torch.Tensor, out: torch.Tensor | None = None, split: int | None = None,
              block_m: int | None = None, block_k: int | None = None,
-             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+             out_dtype: torch.dtype | None = None, num_warps: int | None = None) -> torch.Tensor:
     """f: (B, C, H, W) -> G: (B, C, C) in out_dtype (default f.dtype), G[b] = F_b F_bᵀ / (H*W)."""
     f, B, C, N, upcast = _common(f)
     out_dtype = out_dtype or f.dtype
@@ -236,7 +243,8 @@ def gram_fwd(f: torch.Tensor, out: torch.Tensor | None = None, split: int | None
         ws = torch.empty((split, B, C, C), device=f.device, dtype=_acc_dtype(f.dtype))
     launch(gram_fwd_kernel, (n_pairs, B, split), f, ws, C, N, chunk, 1.0 / N,
            0 if split == 1 else B * C * C, BLOCK_M=bm, BLOCK_K=bk, PREC=_precision(f.dtype),
-           UPCAST=upcast, ACC_FP64=f.dtype == torch.float64)
+           UPCAST=upcast, ACC_FP64=f.dtype == torch.float64,
+           num_warps=num_warps or _fwd_warps(f.dtype))
     if split == 1:
         return ws
     if out is None:
@@ -245,7 +253,8 @@ def gram_fwd(f: torch.Tensor, out: torch.Tensor | None = None, split: int | None
 
 
 def style_fwd(f: torch.Tensor, target: torch.Tensor, save: bool, split: int | None = None,
-              block_m: int | None = None, block_k: int | None = None):
+              block_m: int | None = None, block_k: int | None = None,
+              num_warps: int | None = None):
     """f: (B, C, H, W), target: (C, C) or (B, C, C) -> (loss, S).
 
     loss: 0-d, mean((G - T)²) in float32 (float64 for float64 f); S: (B, C, C) = D + Dᵀ in that
@@ -260,14 +269,15 @@ def style_fwd(f: torch.Tensor, target: torch.Tensor, save: bool, split: int | No
     empty = torch.empty((0,), device=f.device, dtype=acc)
     if split > 1:
         # Few tiles: split-K Gram into a workspace, then the small (B, C, C) epilogue in torch.
-        g = gram_fwd(f, split=split, block_m=bm, block_k=bk, out_dtype=acc)
+        g = gram_fwd(f, split=split, block_m=bm, block_k=bk, out_dtype=acc, num_warps=num_warps)
         d = g - t
         return d.square().mean(), (d + d.transpose(1, 2) if save else empty)
     part = torch.empty((B * n_pairs,), device=f.device, dtype=acc)
     res = torch.empty((B, C, C), device=f.device, dtype=acc) if save else empty
     launch(style_fwd_kernel, (n_pairs, B), f, t, part, res if save else part, C, N,
            C * C if t.dim() == 3 else 0, 1.0 / N, n_pairs, BLOCK_M=bm, BLOCK_K=bk,
-           PREC=_precision(f.dtype), UPCAST=upcast, ACC_FP64=acc == torch.float64, SAVE=save)
+           PREC=_precision(f.dtype), UPCAST=upcast, ACC_FP64=acc == torch.float64, SAVE=save,
+           num_warps=num_warps or _fwd_warps(f.dtype))
     return part.sum() / (B * C * C), res
 
 

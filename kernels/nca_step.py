@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastnca.kernels._launch import gpu_info, launch
 
 
@@ -112,7 +113,8 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST
 def nca_step_fwd_kernel(x_ptr, k_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, out_ptr,
                         C, H, W, NF, HID,
                         HAS_B2: tl.constexpr, BLOCK_M: tl.constexpr, CP: tl.constexpr,
-                        CPP: tl.constexpr, NFP: tl.constexpr, HB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        CPP: tl.constexpr, NFP: tl.constexpr, HB: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr,
                         DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr):
     # x, out: (B, C, H*W); m: (B, H*W); w1: (HID, FC); w2: (C, HID); all contiguous.
     # y = sum over hidden chunks [h0, h0+HB) of relu(p @ w1[chunk]^T + b1[chunk]) @ w2[:, chunk]^T:
@@ -156,7 +158,8 @@ def nca_step_bwd_kernel(x_ptr, k_ptr, w1_ptr, b1_ptr, w2_ptr, m_ptr, g_ptr, dp_p
                         dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
                         C, H, W, NF, HID, TILES_PER_IMG, N_TILES, N_PROG,
                         BLOCK_M: tl.constexpr, CP: tl.constexpr, CPP: tl.constexpr,
-                        NFP: tl.constexpr, HB: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                        NFP: tl.constexpr, HB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr,
                         UPCAST: tl.constexpr, IDX64: tl.constexpr):
     # One launch, two roles, both persistent over tiles t = q, q + N_PROG, ... (program q of its
     # role); grid (N_PROG * (1 + N_CHUNKS),), N_CHUNKS = cdiv(HID, HB):
@@ -309,14 +312,15 @@ def _config(C: int, NF: int, HID: int, backward: bool) -> tuple[int, int, int]:
 
     Registers per thread grow with BLOCK_M * (FCP + HB) / threads (perception tile, one hidden
     slice and their split tf32x3 operands) plus, in backward, the (HB, FCP) weight-gradient
-    slice. Forward 32 cells x 32 hidden on 4 warps, backward 32 x 16 on 8 warps compile without
-    spills for FCP <= 64 (C*F <= 64) on sm_80, sm_90 and sm_100 in float32/bf16/fp16 (table in
-    docs/gpu_static.md, made by ``python -m fastnca.gpu_static``); wider tiles take 16 cells.
+    slice (the backward's weight-gradient role is the heavy one: 16 cells there). Forward 32 cells
+    x 32 hidden on 4 warps, backward 16 x 16 on 4 warps compile without spills for FCP <= 64
+    (C*F <= 64) on sm_80 and sm_90 in float32/bf16/fp16 (table in docs/gpu_static.md, made by
+    ``python -m fastnca.gpu_static``); wider forward tiles take 16 cells.
     """
     t = _tile_args(C, NF)
     wide = t["CPP"] * t["NFP"] > 64
     if backward:
-        return (16 if wide else 32), min(16, _pad(HID)), 8
+        return 16, min(16, _pad(HID)), 4
     return (16 if wide else 32), min(32, _pad(HID)), 4
 
 

@@ -69,7 +69,7 @@ def test_auto_falls_back_when_triton_does_not_import(monkeypatch):
 def test_explicit_triton_without_triton_is_a_one_line_error(monkeypatch):
     _gpu(monkeypatch, triton_missing="Triton does not import (ImportError: no module)")
     monkeypatch.setenv("FASTNCA_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match=r"^FASTNCA_BACKEND=triton but .*pip install triton") as e:
+    with pytest.raises(RuntimeError, match=r"^FASTNCA_BACKEND=triton but .*pip install") as e:
         _backend.use_triton(CUDA0)
     assert "\n" not in str(e.value)
 
@@ -126,8 +126,9 @@ except RuntimeError as e:
 
 def test_import_and_cpu_ops_without_triton():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTNCA_BACKEND")}
-    r = subprocess.run([sys.executable, "-c", _NO_TRITON], env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _NO_TRITON], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert lines[-2] == "Triton does not import"
@@ -139,8 +140,14 @@ def _count_launches(monkeypatch):
     calls = []
     for mod in (kperceive, knca, kgram):
         real = mod.launch
-        monkeypatch.setattr(mod, "launch", lambda k, *a, real=real, **kw: (
-            calls.append(k.fn.__name__ if hasattr(k, "fn") else str(k)), real(k, *a, **kw))[1])
+        monkeypatch.setattr(
+            mod,
+            "launch",
+            lambda k, *a, real=real, **kw: (
+                calls.append(k.fn.__name__ if hasattr(k, "fn") else str(k)),
+                real(k, *a, **kw),
+            )[1],
+        )
     return calls
 
 
@@ -153,13 +160,20 @@ def test_triton_backend_on_cpu_runs_the_kernels_forward_and_backward(monkeypatch
     mask = torch.rand(2, 1, 5, 7) < 0.6
     t = torch.randn(3, 3)
     leaves = [x, w1, b1, w2]
-    for fn, ref in ((lambda a, b, c, d: perceive(a), lambda a, b, c, d: perceive_ref(a)),
-                    (lambda a, b, c, d: gram(a), lambda a, b, c, d: gram_ref(a)),
-                    (lambda a, b, c, d: style_loss([a], [t]),
-                     lambda a, b, c, d: style_loss_ref([a], [t.double()])),
-                    (lambda a, b, c, d: nca_step(a, b, c, d, mask=mask),
-                     lambda a, b, c, d: nca_step_ref(a, b, c, d, None, mask.double(),
-                                                     DEFAULT_FILTERS.double()))):
+    for fn, ref in (
+        (lambda a, b, c, d: perceive(a), lambda a, b, c, d: perceive_ref(a)),
+        (lambda a, b, c, d: gram(a), lambda a, b, c, d: gram_ref(a)),
+        (
+            lambda a, b, c, d: style_loss([a], [t]),
+            lambda a, b, c, d: style_loss_ref([a], [t.double()]),
+        ),
+        (
+            lambda a, b, c, d: nca_step(a, b, c, d, mask=mask),
+            lambda a, b, c, d: nca_step_ref(
+                a, b, c, d, None, mask.double(), DEFAULT_FILTERS.double()
+            ),
+        ),
+    ):
         got_in = [v.clone().requires_grad_() for v in leaves]
         ref_in = [v.double().requires_grad_() for v in leaves]
         got, want = fn(*got_in), ref(*ref_in)
@@ -170,6 +184,96 @@ def test_triton_backend_on_cpu_runs_the_kernels_forward_and_backward(monkeypatch
         for a, b in zip(got_in, ref_in, strict=True):
             if b.grad is not None:
                 torch.testing.assert_close(a.grad.double(), b.grad, **tol)
-    assert {"perceive_fwd_kernel", "perceive_bwd_kernel", "gram_fwd_kernel", "gram_bwd_kernel",
-            "style_fwd_kernel", "nca_step_fwd_kernel", "nca_step_bwd_kernel",
-            "nca_step_bwd_dx_kernel"} <= set(calls)
+    assert {
+        "perceive_fwd_kernel",
+        "perceive_bwd_kernel",
+        "gram_fwd_kernel",
+        "gram_bwd_kernel",
+        "style_fwd_kernel",
+        "nca_step_fwd_kernel",
+        "nca_step_bwd_kernel",
+        "nca_step_bwd_dx_kernel",
+    } <= set(calls)
+
+
+@pytest.mark.parametrize("prec", ["bf16", "fp16", "tf32", "ieee"])
+def test_nca_step_kernels_dot_precision_opt_in(prec):
+    # The launchers' dot_precision: half-precision operands with float32 accumulation (emulated
+    # exactly by the interpreter), or the float32 dot precisions; state stays float32.
+    x, w1, b1, w2 = (
+        torch.randn(1, 3, 5, 7),
+        torch.randn(10, 12) * 0.3,
+        torch.randn(10),
+        torch.randn(3, 10) * 0.3,
+    )
+    mask = torch.rand(1, 1, 5, 7) < 0.6
+    out = knca.nca_step_fwd(x, w1, b1, w2, None, mask, DEFAULT_FILTERS, dot_precision=prec)
+    want = nca_step_ref(
+        x.double(),
+        w1.double(),
+        b1.double(),
+        w2.double(),
+        None,
+        mask.double(),
+        DEFAULT_FILTERS.double(),
+    )
+    assert out.dtype == torch.float32
+    tol = dict(atol=3e-2, rtol=2e-2) if prec in ("bf16", "fp16") else TOL[torch.float32]
+    torch.testing.assert_close(out.double(), want, **tol)
+    if prec in ("bf16", "fp16"):  # the operands really were rounded
+        exact = knca.nca_step_fwd(x, w1, b1, w2, None, mask, DEFAULT_FILTERS, dot_precision="ieee")
+        assert (out - exact).abs().max() > 1e-5
+    dx, dw1, *_ = knca.nca_step_bwd(
+        torch.ones_like(x), x, w1, b1, w2, mask, DEFAULT_FILTERS, dot_precision=prec
+    )
+    assert dx.isfinite().all() and dw1.isfinite().all()
+
+
+def test_nca_step_dot_precision_is_checked():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="dot_precision must be one of"):
+        knca.nca_step_fwd(
+            x,
+            torch.randn(8, 12),
+            None,
+            torch.randn(3, 8),
+            None,
+            torch.ones(1, 1, 4, 4, dtype=torch.bool),
+            DEFAULT_FILTERS,
+            dot_precision="fp8",
+        )
+
+
+def test_doctor_reports_paths_and_reasons(monkeypatch, capsys):
+    import argparse
+
+    from fastnca.cli import doctor
+
+    parser = argparse.ArgumentParser()
+    doctor.add_parser(parser.add_subparsers())
+    monkeypatch.setenv("FASTNCA_BACKEND", "triton")  # CPU under the interpreter: Triton path
+    assert doctor.run(parser.parse_args(["doctor"])) == 0
+    out = capsys.readouterr().out
+    assert "backend: FASTNCA_BACKEND=triton, TRITON_INTERPRET=1" in out
+    assert "nca_step    triton Triton interpreter" in out
+    assert doctor.run(parser.parse_args(["doctor", "--json"])) == 0
+    info = __import__("json").loads(capsys.readouterr().out)
+    cpu = info["devices"][0]
+    assert cpu["device"] == "cpu" and cpu["ops"]["gram"]["path"] == "triton"
+
+
+def test_doctor_static_status_from_the_cache(tmp_path):
+    # A CUDA card's static status comes from the compile cache (empty here) without compiling.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTNCA_GPU_STATIC_CACHE"] = str(tmp_path)
+    code = (
+        "from fastnca.cli.doctor import _static\n"
+        "print(_static(75, False))\nprint(_static(90, False))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    uncovered, missing = r.stdout.strip().splitlines()[-2:]
+    assert uncovered.startswith("not covered")
+    assert missing.startswith("not in the cache (") and "--arch 90" in missing

@@ -102,27 +102,44 @@ def _decide(backend: str, dtype_: str, index: int | None, interpret: bool) -> De
         missing = triton_status()
         if missing is not None:
             if backend == "triton":
-                raise RuntimeError(f"FASTNCA_BACKEND=triton but {missing}: pip install triton "
-                                   "(a version matching your torch), or use FASTNCA_BACKEND=auto")
-            return Decision(False, f"{missing}; the torch composite runs on CUDA (pip install "
-                                   "triton for the fused kernels)", warn=True)
+                raise RuntimeError(
+                    f"FASTNCA_BACKEND=triton but {missing}: pip install triton "
+                    "(a version matching your torch), or use FASTNCA_BACKEND=auto"
+                )
+            return Decision(
+                False,
+                f"{missing}; the torch composite runs on CUDA (pip install "
+                "triton for the fused kernels)",
+                warn=True,
+            )
         if torch.version.hip is not None and backend == "auto":
-            return Decision(False, "ROCm devices are not covered by the static GPU report; the "
-                                   "torch composite runs (FASTNCA_BACKEND=triton to force)",
-                            warn=True)
+            return Decision(
+                False,
+                "ROCm devices are not covered by the static GPU report; the "
+                "torch composite runs (FASTNCA_BACKEND=triton to force)",
+                warn=True,
+            )
         cap = _capability(index)
         if cap not in COVERED and backend == "auto":
-            return Decision(False, f"cuda:{index} has compute capability {cap[0]}.{cap[1]}, "
-                                   f"which the static GPU report does not cover (sm_80, sm_90, "
-                                   "sm_100); the torch composite runs (FASTNCA_BACKEND=triton "
-                                   "to force)", warn=True)
+            return Decision(
+                False,
+                f"cuda:{index} has compute capability {cap[0]}.{cap[1]}, "
+                f"which the static GPU report does not cover (sm_80, sm_90, "
+                "sm_100); the torch composite runs (FASTNCA_BACKEND=triton "
+                "to force)",
+                warn=True,
+            )
         return Decision(True, f"Triton kernels (sm_{cap[0]}{cap[1]}, FASTNCA_BACKEND={backend})")
     if dtype_ == "cpu" and backend == "triton":
         if interpret and triton_status() is None:
             return Decision(True, "Triton interpreter (FASTNCA_BACKEND=triton, TRITON_INTERPRET=1)")
         why = triton_status() or "TRITON_INTERPRET=1 is not set"
-        return Decision(False, f"FASTNCA_BACKEND=triton on CPU needs the Triton interpreter ("
-                               f"{why}); the torch composite runs", warn=True)
+        return Decision(
+            False,
+            f"FASTNCA_BACKEND=triton on CPU needs the Triton interpreter ("
+            f"{why}); the torch composite runs",
+            warn=True,
+        )
     return Decision(False, f"torch composite on {dtype_}")
 
 
