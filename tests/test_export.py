@@ -22,6 +22,7 @@ import torch
 
 from fastnca import DISTILL_FILTERS, NCA
 from fastnca.nca import export
+from fastnca.nca.distill import load_distill
 from fastnca.nca.export import (
     export_html,
     find_chromium,
@@ -171,7 +172,7 @@ def test_page_matches_pytorch_odd_sizes(tmp_path, c, hidden, nf):
 def test_page_matches_pytorch_published_models(tmp_path, file, name, init):
     # The Distill authors' own models (tests/data/SOURCE.md) from their own seeds: the lizard
     # grows from one cell (zero padding, alive masking), bubbly from zeros (clipping, rgb/2).
-    model = NCA.from_distill(DATA / file, name)
+    model = load_distill(DATA / file, name)
     page = export_html(model, tmp_path / "nca.html")
     d = _data(page.read_text())
     assert d["display"] == ("premultiplied" if init == "centre" else "rgb/2")
@@ -391,7 +392,7 @@ def test_zoo_models_are_small_checkpoints_that_export(tmp_path, capsys):
     from fastnca.nca.checkpoint import load_checkpoint
     from fastnca.nca.zoo import ZOO_DIR, zoo_names, zoo_path
 
-    assert "stripes" in zoo_names()
+    assert {"stripes", "dots", "checker"} <= set(zoo_names())
     readme = (ZOO_DIR / "README.md").read_text()
     for name in zoo_names():
         path = zoo_path(f"zoo:{name}")
