@@ -47,6 +47,10 @@ def add_parser(sub):
                    "the preset's: 'stripes' for quick, 'scales' otherwise)")
     add_common(p, "run directory to create (RUN_DIR)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--task", choices=("texture", "grow"), default="texture",
+                   help="texture (default) or grow: a growing NCA of an RGBA target "
+                   "(STYLE_IMAGE or a built-in target: heart, ring, smiley); presets quick "
+                   "(= grow-quick) and grow")
     p.add_argument("--preset", default="quick", metavar="|".join(PRESETS),
                    help="quick (CPU, minutes), lesson (fast.ai lesson), texture (Distill "
                    "Self-Organising Textures); default quick")
@@ -102,6 +106,10 @@ def _refuse_if_locked(run_dir) -> None:
 
 
 def run(args) -> int:
+    if args.task == "grow":
+        from fastnca.cli._grow import run_grow
+
+        return run_grow(args)
     from fastnca.nca.recipe import TrainingDiverged
     from fastnca.nca.render import MissingDependencyError
     from fastnca.nca.run import TrainingRun

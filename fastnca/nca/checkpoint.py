@@ -35,6 +35,8 @@ FORMAT = "fastnca-nca"
 FORMAT_VERSION = 2
 CHECKPOINT_NAME = "checkpoint.pt"  # the checkpoint inside a run directory
 LESSON_KEYS = ("w1.weight", "w1.bias", "w2.weight")
+# Step options of fastnca.ops.nca_step and the display rule (absent in older files: defaults).
+STEP_KEYS = ("padding", "alive_threshold", "alive_channel", "clip", "perception_angle", "display")
 
 
 @dataclass
@@ -81,6 +83,8 @@ def model_config(model, preset: str | None = None) -> dict:
         "bias1": model.w1.bias is not None,
         "bias2": model.w2.bias is not None,
         "preset": preset,
+        **(model.step_options() if hasattr(model, "step_options") else {}),
+        "display": getattr(model, "display", None),
     }
 
 
@@ -93,6 +97,7 @@ def model_kwargs(config: dict) -> dict:
         "filters": torch.tensor(config["filters"], dtype=torch.float32),
         "bias1": bool(config.get("bias1", True)),
         "bias2": bool(config.get("bias2", False)),
+        **{k: config[k] for k in STEP_KEYS if config.get(k) is not None},
     }
 
 

@@ -198,6 +198,20 @@ def import_distill(path) -> dict[str, NCA]:
     raise DistillFormatError(f"{str(p)!r} holds {what}; {_EXPECTED}")
 
 
+def load_distill(path, name: str | None = None) -> NCA:
+    """One model of a published Distill file (see :func:`import_distill`). ``name`` picks one model
+    of a file of several (the textures' models.json); a one-model file (a growing NCA's
+    exN_*.json) needs none."""
+    models = import_distill(path)
+    if name is None and len(models) == 1:
+        return next(iter(models.values()))
+    if name not in models:
+        raise ValueError(f"name: {str(path)!r} holds {len(models)} models; pass one of "
+                         f"{', '.join(list(models)[:8])}{', ...' if len(models) > 8 else ''}, "
+                         f"got {name!r}")
+    return models[name]
+
+
 def save_distill(models: dict[str, NCA], out_dir, source: str | None = None) -> list[Path]:
     """One fastnca checkpoint ``out_dir/<name>.pt`` per model (``load_nca``, ``fastnca render``
     and the exporter read them); the config keeps the step options and the display."""

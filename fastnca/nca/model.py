@@ -109,22 +109,6 @@ class NCA(nn.Module):
         return cls(**{**architecture("texture"), **kwargs})
 
     @classmethod
-    def from_distill(cls, path, name: str | None = None) -> NCA:
-        """A published Distill model (``fastnca.nca.distill.import_distill``), configured as the
-        authors' architecture. ``name`` picks one model of a file of several (the textures'
-        models.json); a one-model file (a growing NCA's exN_*.json) needs none."""
-        from fastnca.nca.distill import import_distill
-
-        models = import_distill(path)
-        if name is None and len(models) == 1:
-            return next(iter(models.values()))
-        if name not in models:
-            raise ValueError(f"name: {str(path)!r} holds {len(models)} models; pass one of "
-                             f"{', '.join(list(models)[:8])}{', ...' if len(models) > 8 else ''}"
-                             f", got {name!r}")
-        return models[name]
-
-    @classmethod
     def from_lesson_state_dict(cls, state_dict: dict, fire_rate: float = 0.5,
                                filters: torch.Tensor | None = None) -> NCA:
         """The NCA holding a lesson ``SimpleCA`` state dict: ``w1.weight`` (hidden, F*C, 1, 1),

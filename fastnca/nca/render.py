@@ -73,7 +73,7 @@ def grow(model, size=128, frames: int = 60, steps_per_frame: int = 8, seed: int 
         state = seed_grid(model, size, dev) if x is None else x.to(dev)
         for _ in range(frames):
             state = model(state, steps=steps_per_frame)
-            out.append(to_uint8(model.to_rgb(state[:1]).float()))
+            out.append(to_uint8(getattr(model, "image", model.to_rgb)(state[:1]).float()))
     return out
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import numbers
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.library import triton_op
 
@@ -39,7 +38,9 @@ from fastnca.ops._checks import (
     check_same_device,
     check_tensor,
 )
-from fastnca.reference import DEFAULT_FILTERS, circular_pad1, perceive_shifts
+from fastnca.ops._nca_cpu import _acc, _adjoint_planes, _chunk, _fired, _perceive_planes, _taps
+from fastnca.ops.nca_step_options import check_options, nca_step_options
+from fastnca.reference import DEFAULT_FILTERS, perceive_shifts
 
 # ---------------------------------------------------------------------------------------- CUDA
 
@@ -82,73 +83,6 @@ _nca_step_op.register_autograd(_autograd(torch.ops.fastnca.nca_step_backward),
 
 # ------------------------------------------------------------- CPU: the MLP on fired cells only
 
-
-
-def _chunk() -> int:
-    # Cells per GEMM block: small enough to keep the (hidden, chunk) activations in cache, large
-    # enough that every thread has work (measured at (4, 12, 128, 128): 8192 cells best on one
-    # thread; 4096 cells was 10x slower on two threads of a loaded machine, 16384+ best there).
-    return 8192 * max(1, torch.get_num_threads())
-
-
-def _taps(filters):
-    # Non-zero taps (a, e, value) of each filter, read on the host (the CPU path's bank is on CPU).
-    return [[(a, e, v) for a, row in enumerate(kf) for e, v in enumerate(row) if v != 0]
-            for kf in filters.tolist()]
-
-
-def _perceive_planes(x, taps, zero_pad=False):
-    # x: (B, C, H, W) -> P: (F, C, B, H, W), P[f, c, b] = filter f on channel c of image b: the
-    # layout in which the fired cells of all images are columns of one (F*C, B*H*W) matrix.
-    # Circular padding, or zeros outside the grid with zero_pad.
-    B, C, H, W = x.shape
-    xt = x.transpose(0, 1)
-    xp = F.pad(xt, (1, 1, 1, 1)) if zero_pad else circular_pad1(xt)  # (C, B, H+2, W+2), one copy
-    out = torch.empty((len(taps), C, B, H, W), dtype=x.dtype)
-    for f, tf in enumerate(taps):
-        o = out[f]
-        if not tf:
-            o.zero_()
-            continue
-        a, e, v = tf[0]
-        o.copy_(xp[:, :, a:a + H, e:e + W])
-        if v != 1:
-            o.mul_(v)
-        for a, e, v in tf[1:]:
-            o.add_(xp[:, :, a:a + H, e:e + W], alpha=v)
-    return out
-
-
-def _adjoint_planes(dp, g, taps, zero_pad=False):
-    # g + adjoint perception of dp: (F, C, B, H, W) -> (B, C, H, W). Accumulates into a padded
-    # buffer (dx[i+a-1, j+e-1] += k[a, e] dp[i, j]) and folds the halo back circularly (zero_pad:
-    # drops it, the padding is a constant).
-    B, C, H, W = g.shape
-    acc = torch.zeros((C, B, H + 2, W + 2), dtype=dp.dtype)
-    acc[:, :, 1:H + 1, 1:W + 1] = g.transpose(0, 1)
-    for f, tf in enumerate(taps):
-        for a, e, v in tf:
-            acc[:, :, a:a + H, e:e + W].add_(dp[f], alpha=v)
-    if zero_pad:
-        return acc[:, :, 1:H + 1, 1:W + 1].transpose(0, 1)
-    acc[:, :, 1].add_(acc[:, :, H + 1])
-    acc[:, :, H].add_(acc[:, :, 0])
-    acc[:, :, 1:H + 1, 1].add_(acc[:, :, 1:H + 1, W + 1])
-    acc[:, :, 1:H + 1, W].add_(acc[:, :, 1:H + 1, 0])
-    return acc[:, :, 1:H + 1, 1:W + 1].transpose(0, 1)
-
-
-def _fired(mask, dtype):
-    # Flat indices (b*H*W + i*W + j) of fired cells, and their mask values (None for a bool mask).
-    m = mask.reshape(-1)
-    if m.dtype == torch.bool:
-        return m.nonzero().squeeze(1), None
-    idx = (m != 0).nonzero().squeeze(1)
-    return idx, m.index_select(0, idx).to(dtype)
-
-
-def _acc(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _cpu_forward(x, w1, b1, w2, b2, mask, filters):
@@ -375,12 +309,10 @@ def nca_step(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
         mask = update_mask(x, fire_rate)
     if (padding != "circular" or alive_threshold is not None or clip is not None
             or perception_angle != 0):
-        from fastnca.ops import nca_step_options as opt  # imports this module's helpers
-
-        o = opt.check_options(padding, alive_threshold, alive_channel, clip, perception_angle,
+        o = check_options(padding, alive_threshold, alive_channel, clip, perception_angle,
                               x.shape[1], filters.shape[0])
         with torch.autocast(x.device.type, enabled=False):
-            return opt.nca_step_options(x, w1, b1, w2, b2, mask.detach(), filters.detach(), *o)
+            return nca_step_options(x, w1, b1, w2, b2, mask.detach(), filters.detach(), *o)
     args = (x, w1, b1, w2, b2, mask.detach(), filters.detach())
     # The step computes in float32 whatever autocast says (the state is a residual sum over many
     # steps); autocast would otherwise recast the CPU op's inner matmuls and break its buffers.

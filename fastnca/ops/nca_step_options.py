@@ -26,14 +26,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from fastnca.ops.nca_step import (
-    _acc,
-    _adjoint_planes,
-    _chunk,
-    _fired,
-    _perceive_planes,
-    _taps,
-)
+from fastnca.ops._nca_cpu import _acc, _adjoint_planes, _chunk, _fired, _perceive_planes, _taps
 from fastnca.reference import CLIP_KEYS, circular_pad1, perceive_shifts, rotate_filters
 
 _INF = math.inf

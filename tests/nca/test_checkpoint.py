@@ -152,3 +152,28 @@ def test_lesson_state_dict_import(tmp_path):
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="inconsistent shapes"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_step_options_and_display_round_trip(tmp_path):
+    """An imported growing model (zero padding, alive masking, 3 filters, premultiplied display)
+    and a clipped texture model keep their step options through a checkpoint."""
+    from pathlib import Path
+
+    from fastnca.nca.distill import import_distill, save_distill
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    models = {**import_distill(data / "ex3_1f98e_lizard.json"),
+              **dict(list(import_distill(data / "textures_subset.json").items())[:1])}
+    for path, (name, m) in zip(save_distill(models, tmp_path), models.items(), strict=True):
+        back = load_nca(path)
+        assert back.step_options() == m.step_options() and back.display == m.display, name
+        x = m.seed(1, 24) + 0.1 * torch.randn(1, m.channels, 24, 24)
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            want = m(x, steps=3)
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            got = back(x, steps=3)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    lizard = load_nca(tmp_path / "ex3_1f98e_lizard.pt")
+    assert lizard.step_options()["padding"] == "zeros" and lizard.display == "premultiplied"
