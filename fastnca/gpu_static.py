@@ -545,6 +545,17 @@ vendor data sheets): {cards}. Dot peak by precision: "ieee" = FP32 FMA, "tf32", 
 "half" (bf16/fp16 operands, fp32 accumulation). float32 Gram dots are "ieee" because torch's default
 float32 matmul precision is "highest" (set "high" for TF32). sm_100 has no floor column.
 
+Configuration rules (the launchers' defaults; docs/gpu_static_before.md has the table before them):
+nca_step forward: 32 cells x 32 hidden units per chunk, 4 warps (16 cells when C*F > 64); the
+hidden layer is looped over in chunks, so only a (32, 32) slice of the activations is live.
+nca_step backward: one launch, two roles of persistent programs: dP (all hidden chunks) and, per
+hidden chunk of 16, that chunk's weight-gradient partials; 16 cells, 4 warps. The nine filter taps
+of the perception tile are reloaded per tile (volatile) instead of being hoisted out of the
+persistent loop as nine register-resident tiles. Offsets inside an image are 32-bit unless
+F*C*H*W can pass 2**31. Gram/style forward: 8 warps. `dot_precision` ("ieee", "tf32", "tf32x3",
+"bf16", "fp16") is an opt-in of the nca_step launchers; the default keeps float32 accuracy
+(tf32x3 on sm_80+).
+
 """
 
 

@@ -54,9 +54,20 @@ def _tile_pair(p):
 
 
 @triton.jit
-def _gram_tile(f_base, C, N, rows_i, rows_j, k_lo, k_hi, BLOCK_M: tl.constexpr,
-               BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-               ACC_FP64: tl.constexpr):
+def _gram_tile(
+    f_base,
+    C,
+    N,
+    rows_i,
+    rows_j,
+    k_lo,
+    k_hi,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
     # acc[r, c] = sum_{k in [k_lo, k_hi)} F[rows_i[r], k] * F[rows_j[c], k]: (BLOCK_M, BLOCK_M).
     if ACC_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float64)
@@ -79,9 +90,20 @@ def _gram_tile(f_base, C, N, rows_i, rows_j, k_lo, k_hi, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def gram_fwd_kernel(f_ptr, out_ptr, C, N, K_CHUNK, scale, stride_split,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-                    UPCAST: tl.constexpr, ACC_FP64: tl.constexpr):
+def gram_fwd_kernel(
+    f_ptr,
+    out_ptr,
+    C,
+    N,
+    K_CHUNK,
+    scale,
+    stride_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
     # f: (B, C, N); out: (SPLIT, B, C, C) with split stride stride_split (0 when SPLIT == 1).
     # Program (p, b, s): upper-triangle tile p of image b over columns [s*K_CHUNK, (s+1)*K_CHUNK).
     ti, tj = _tile_pair(tl.program_id(0))
@@ -91,8 +113,23 @@ def gram_fwd_kernel(f_ptr, out_ptr, C, N, K_CHUNK, scale, stride_split,
     k_hi = tl.minimum(k_lo + K_CHUNK, N)
     rows_i = ti * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_j = tj * BLOCK_M + tl.arange(0, BLOCK_M)
-    acc = _gram_tile(f_ptr + b * C * N, C, N, rows_i, rows_j, k_lo, k_hi, BLOCK_M, BLOCK_K, PREC,
-                     UPCAST, ACC_FP64) * scale
+    acc = (
+        _gram_tile(
+            f_ptr + b * C * N,
+            C,
+            N,
+            rows_i,
+            rows_j,
+            k_lo,
+            k_hi,
+            BLOCK_M,
+            BLOCK_K,
+            PREC,
+            UPCAST,
+            ACC_FP64,
+        )
+        * scale
+    )
     o_base = out_ptr + s.to(tl.int64) * stride_split + b * C * C
     m = (rows_i < C)[:, None] & (rows_j < C)[None, :]
     g = acc.to(out_ptr.dtype.element_ty)
@@ -103,9 +140,23 @@ def gram_fwd_kernel(f_ptr, out_ptr, C, N, K_CHUNK, scale, stride_split,
 
 
 @triton.jit
-def style_fwd_kernel(f_ptr, t_ptr, part_ptr, s_ptr, C, N, stride_tb, scale, n_pairs,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-                     UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, SAVE: tl.constexpr):
+def style_fwd_kernel(
+    f_ptr,
+    t_ptr,
+    part_ptr,
+    s_ptr,
+    C,
+    N,
+    stride_tb,
+    scale,
+    n_pairs,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    SAVE: tl.constexpr,
+):
     # f: (B, C, N); t: target, image b at t_ptr + b*stride_tb (0: one (C, C) target for all);
     # part: (B * n_pairs,) partial sums of D²; s: (B, C, C) residual S = D + Dᵀ when SAVE.
     p = tl.program_id(0)
@@ -113,8 +164,12 @@ def style_fwd_kernel(f_ptr, t_ptr, part_ptr, s_ptr, C, N, stride_tb, scale, n_pa
     b = tl.program_id(1).to(tl.int64)
     rows_i = ti * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_j = tj * BLOCK_M + tl.arange(0, BLOCK_M)
-    g = _gram_tile(f_ptr + b * C * N, C, N, rows_i, rows_j, 0, N, BLOCK_M, BLOCK_K, PREC, UPCAST,
-                   ACC_FP64) * scale
+    g = (
+        _gram_tile(
+            f_ptr + b * C * N, C, N, rows_i, rows_j, 0, N, BLOCK_M, BLOCK_K, PREC, UPCAST, ACC_FP64
+        )
+        * scale
+    )
     m = (rows_i < C)[:, None] & (rows_j < C)[None, :]
     m_t = (rows_j < C)[:, None] & (rows_i < C)[None, :]
     off_ij = rows_i.to(tl.int64)[:, None] * C + rows_j[None, :]
@@ -135,10 +190,24 @@ def style_fwd_kernel(f_ptr, t_ptr, part_ptr, s_ptr, C, N, stride_tb, scale, n_pa
 
 
 @triton.jit
-def gram_bwd_kernel(a_ptr, f_ptr, df_ptr, gs_ptr, C, N, stride_ab, scale,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PREC: tl.constexpr, SYM: tl.constexpr, HAS_GS: tl.constexpr,
-                    DOT_IN_F_DTYPE: tl.constexpr, ACC_FP64: tl.constexpr):
+def gram_bwd_kernel(
+    a_ptr,
+    f_ptr,
+    df_ptr,
+    gs_ptr,
+    C,
+    N,
+    stride_ab,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+    SYM: tl.constexpr,
+    HAS_GS: tl.constexpr,
+    DOT_IN_F_DTYPE: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
     # dF_b[rows, cols] = scale * gs * sum_k A_b[rows, k] F_b[k, cols], A_b = a_b (+ a_bᵀ if SYM);
     # a: image b at a_ptr + b*stride_ab, (C, C); f, df: (B, C, N); gs: one-element scale tensor.
     b = tl.program_id(2).to(tl.int64)
@@ -155,14 +224,19 @@ def gram_bwd_kernel(a_ptr, f_ptr, df_ptr, gs_ptr, C, N, stride_ab, scale,
     for k0 in range(0, C, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mk = ks < C
-        a = tl.load(a_base + rows.to(tl.int64)[:, None] * C + ks[None, :], mask=m_r & mk[None, :],
-                    other=0.0).to(acc.dtype)
+        a = tl.load(
+            a_base + rows.to(tl.int64)[:, None] * C + ks[None, :], mask=m_r & mk[None, :], other=0.0
+        ).to(acc.dtype)
         if SYM:
-            a_t = tl.load(a_base + ks.to(tl.int64)[:, None] * C + rows[None, :],
-                          mask=mk[:, None] & (rows < C)[None, :], other=0.0)
+            a_t = tl.load(
+                a_base + ks.to(tl.int64)[:, None] * C + rows[None, :],
+                mask=mk[:, None] & (rows < C)[None, :],
+                other=0.0,
+            )
             a += tl.trans(a_t).to(acc.dtype)
-        fb = tl.load(f_base + ks.to(tl.int64)[:, None] * N + cols[None, :], mask=mk[:, None] & m_c,
-                     other=0.0)
+        fb = tl.load(
+            f_base + ks.to(tl.int64)[:, None] * N + cols[None, :], mask=mk[:, None] & m_c, other=0.0
+        )
         if DOT_IN_F_DTYPE:
             acc = tl.dot(a.to(fb.dtype), fb, acc, input_precision=PREC)
         else:
@@ -170,13 +244,17 @@ def gram_bwd_kernel(a_ptr, f_ptr, df_ptr, gs_ptr, C, N, stride_ab, scale,
     acc = acc * scale
     if HAS_GS:
         acc = acc * tl.load(gs_ptr).to(acc.dtype)
-    tl.store(df_ptr + b * C * N + rows.to(tl.int64)[:, None] * N + cols[None, :],
-             acc.to(df_ptr.dtype.element_ty), mask=m_r & m_c)
+    tl.store(
+        df_ptr + b * C * N + rows.to(tl.int64)[:, None] * N + cols[None, :],
+        acc.to(df_ptr.dtype.element_ty),
+        mask=m_r & m_c,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers: plain Python, called by the registered ops of fastnca.ops.gram. Shapes are checked by
 # the caller; block sizes and the split can be forced (tests use tiny blocks under the interpreter).
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -225,9 +303,15 @@ def _common(f: torch.Tensor):
     return f.contiguous(), B, C, H * W, upcast
 
 
-def gram_fwd(f: torch.Tensor, out: torch.Tensor | None = None, split: int | None = None,
-             block_m: int | None = None, block_k: int | None = None,
-             out_dtype: torch.dtype | None = None, num_warps: int | None = None) -> torch.Tensor:
+def gram_fwd(
+    f: torch.Tensor,
+    out: torch.Tensor | None = None,
+    split: int | None = None,
+    block_m: int | None = None,
+    block_k: int | None = None,
+    out_dtype: torch.dtype | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
     """f: (B, C, H, W) -> G: (B, C, C) in out_dtype (default f.dtype), G[b] = F_b F_bᵀ / (H*W)."""
     f, B, C, N, upcast = _common(f)
     out_dtype = out_dtype or f.dtype
@@ -241,10 +325,23 @@ def gram_fwd(f: torch.Tensor, out: torch.Tensor | None = None, split: int | None
         ws = torch.empty((B, C, C), device=f.device, dtype=out_dtype) if out is None else out
     else:
         ws = torch.empty((split, B, C, C), device=f.device, dtype=_acc_dtype(f.dtype))
-    launch(gram_fwd_kernel, (n_pairs, B, split), f, ws, C, N, chunk, 1.0 / N,
-           0 if split == 1 else B * C * C, BLOCK_M=bm, BLOCK_K=bk, PREC=_precision(f.dtype),
-           UPCAST=upcast, ACC_FP64=f.dtype == torch.float64,
-           num_warps=num_warps or _fwd_warps(f.dtype))
+    launch(
+        gram_fwd_kernel,
+        (n_pairs, B, split),
+        f,
+        ws,
+        C,
+        N,
+        chunk,
+        1.0 / N,
+        0 if split == 1 else B * C * C,
+        BLOCK_M=bm,
+        BLOCK_K=bk,
+        PREC=_precision(f.dtype),
+        UPCAST=upcast,
+        ACC_FP64=f.dtype == torch.float64,
+        num_warps=num_warps or _fwd_warps(f.dtype),
+    )
     if split == 1:
         return ws
     if out is None:
@@ -252,9 +349,15 @@ def gram_fwd(f: torch.Tensor, out: torch.Tensor | None = None, split: int | None
     return out.copy_(ws.sum(0))
 
 
-def style_fwd(f: torch.Tensor, target: torch.Tensor, save: bool, split: int | None = None,
-              block_m: int | None = None, block_k: int | None = None,
-              num_warps: int | None = None):
+def style_fwd(
+    f: torch.Tensor,
+    target: torch.Tensor,
+    save: bool,
+    split: int | None = None,
+    block_m: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+):
     """f: (B, C, H, W), target: (C, C) or (B, C, C) -> (loss, S).
 
     loss: 0-d, mean((G - T)²) in float32 (float64 for float64 f); S: (B, C, C) = D + Dᵀ in that
@@ -274,17 +377,40 @@ def style_fwd(f: torch.Tensor, target: torch.Tensor, save: bool, split: int | No
         return d.square().mean(), (d + d.transpose(1, 2) if save else empty)
     part = torch.empty((B * n_pairs,), device=f.device, dtype=acc)
     res = torch.empty((B, C, C), device=f.device, dtype=acc) if save else empty
-    launch(style_fwd_kernel, (n_pairs, B), f, t, part, res if save else part, C, N,
-           C * C if t.dim() == 3 else 0, 1.0 / N, n_pairs, BLOCK_M=bm, BLOCK_K=bk,
-           PREC=_precision(f.dtype), UPCAST=upcast, ACC_FP64=acc == torch.float64, SAVE=save,
-           num_warps=num_warps or _fwd_warps(f.dtype))
+    launch(
+        style_fwd_kernel,
+        (n_pairs, B),
+        f,
+        t,
+        part,
+        res if save else part,
+        C,
+        N,
+        C * C if t.dim() == 3 else 0,
+        1.0 / N,
+        n_pairs,
+        BLOCK_M=bm,
+        BLOCK_K=bk,
+        PREC=_precision(f.dtype),
+        UPCAST=upcast,
+        ACC_FP64=acc == torch.float64,
+        SAVE=save,
+        num_warps=num_warps or _fwd_warps(f.dtype),
+    )
     return part.sum() / (B * C * C), res
 
 
-def gram_bwd(a: torch.Tensor, f: torch.Tensor, sym: bool, grad_scale: torch.Tensor | None = None,
-             scale: float | None = None, out: torch.Tensor | None = None,
-             block_m: int | None = None, block_n: int | None = None,
-             block_k: int | None = None) -> torch.Tensor:
+def gram_bwd(
+    a: torch.Tensor,
+    f: torch.Tensor,
+    sym: bool,
+    grad_scale: torch.Tensor | None = None,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+) -> torch.Tensor:
     """dF_b = scale * grad_scale * (a_b + a_bᵀ if sym else a_b) @ F_b, in f.dtype.
 
     a: (B, C, C) or (C, C) (shared by the batch); f: (B, C, H, W); scale defaults to 1/(H*W);
@@ -302,8 +428,24 @@ def gram_bwd(a: torch.Tensor, f: torch.Tensor, sym: bool, grad_scale: torch.Tens
     bk = block_k or max(16, min(32, triton.next_power_of_2(C)))
     grid = (triton.cdiv(N, bn), triton.cdiv(C, bm), B)
     half_dot = f.dtype in (torch.float16, torch.bfloat16) and not _interpreting()
-    launch(gram_bwd_kernel, grid, a, f, out, a if grad_scale is None else grad_scale, C, N,
-           C * C if a.dim() == 3 else 0, 1.0 / N if scale is None else scale, BLOCK_M=bm,
-           BLOCK_N=bn, BLOCK_K=bk, PREC=_precision(f.dtype), SYM=sym,
-           HAS_GS=grad_scale is not None, DOT_IN_F_DTYPE=half_dot, ACC_FP64=acc == torch.float64)
+    launch(
+        gram_bwd_kernel,
+        grid,
+        a,
+        f,
+        out,
+        a if grad_scale is None else grad_scale,
+        C,
+        N,
+        C * C if a.dim() == 3 else 0,
+        1.0 / N if scale is None else scale,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        PREC=_precision(f.dtype),
+        SYM=sym,
+        HAS_GS=grad_scale is not None,
+        DOT_IN_F_DTYPE=half_dot,
+        ACC_FP64=acc == torch.float64,
+    )
     return out.view(f.shape)

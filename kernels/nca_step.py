@@ -54,8 +54,20 @@ def _idx(v, IDX64: tl.constexpr):
 
 
 @triton.jit
-def _perceive_tile(x_base, k_ptr, n, H, W, C, NF, BLOCK_M: tl.constexpr, CPP: tl.constexpr,
-                   NFP: tl.constexpr, IDX64: tl.constexpr, VOLATILE_K: tl.constexpr = True):
+def _perceive_tile(
+    x_base,
+    k_ptr,
+    n,
+    H,
+    W,
+    C,
+    NF,
+    BLOCK_M: tl.constexpr,
+    CPP: tl.constexpr,
+    NFP: tl.constexpr,
+    IDX64: tl.constexpr,
+    VOLATILE_K: tl.constexpr = True,
+):
     # p: (BLOCK_M, CPP*NFP), p[m, c*NFP + f] = sum_ae k[f, a, e] x[c, wrap(i+a-1), wrap(j+e-1)]
     # (column order of _columns); padded columns and rows with n >= H*W are 0.
     HW = H * W
@@ -110,12 +122,31 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST
 
 
 @triton.jit
-def nca_step_fwd_kernel(x_ptr, k_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, out_ptr,
-                        C, H, W, NF, HID,
-                        HAS_B2: tl.constexpr, BLOCK_M: tl.constexpr, CP: tl.constexpr,
-                        CPP: tl.constexpr, NFP: tl.constexpr, HB: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr,
-                        DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr):
+def nca_step_fwd_kernel(
+    x_ptr,
+    k_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    m_ptr,
+    out_ptr,
+    C,
+    H,
+    W,
+    NF,
+    HID,
+    HAS_B2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CP: tl.constexpr,
+    CPP: tl.constexpr,
+    NFP: tl.constexpr,
+    HB: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IDX64: tl.constexpr,
+):
     # x, out: (B, C, H*W); m: (B, H*W); w1: (HID, FC); w2: (C, HID); all contiguous.
     # y = sum over hidden chunks [h0, h0+HB) of relu(p @ w1[chunk]^T + b1[chunk]) @ w2[:, chunk]^T:
     # only a (BLOCK_M, HB) slice of the hidden activations is live at a time.
@@ -135,13 +166,15 @@ def nca_step_fwd_kernel(x_ptr, k_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, out
     for h0 in range(0, HID, HB):
         hid = h0 + tl.arange(0, HB)
         hm = hid < HID
-        w1t = tl.load(w1_ptr + hid[None, :] * FC + col[:, None],
-                      mask=colm[:, None] & hm[None, :], other=0.0)  # (FCP, HB) = w1^T
+        w1t = tl.load(
+            w1_ptr + hid[None, :] * FC + col[:, None], mask=colm[:, None] & hm[None, :], other=0.0
+        )  # (FCP, HB) = w1^T
         h = _dot(p, w1t, tl.zeros((BLOCK_M, HB), dtype=acc_ty), DOT_PRECISION, DOT_DTYPE, UPCAST)
         h += tl.load(b1_ptr + hid, mask=hm, other=0.0)[None, :]
         h = tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu, NaN stays NaN
-        w2t = tl.load(w2_ptr + cc[None, :] * HID + hid[:, None], mask=hm[:, None] & cm[None, :],
-                      other=0.0)  # (HB, CP) = w2^T
+        w2t = tl.load(
+            w2_ptr + cc[None, :] * HID + hid[:, None], mask=hm[:, None] & cm[None, :], other=0.0
+        )  # (HB, CP) = w2^T
         y = _dot(h, w2t, y, DOT_PRECISION, DOT_DTYPE, UPCAST)  # (BLOCK_M, CP)
     if HAS_B2:
         y += tl.load(b2_ptr + cc, mask=cm, other=0.0)[None, :]
@@ -154,13 +187,37 @@ def nca_step_fwd_kernel(x_ptr, k_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m_ptr, out
 
 
 @triton.jit
-def nca_step_bwd_kernel(x_ptr, k_ptr, w1_ptr, b1_ptr, w2_ptr, m_ptr, g_ptr, dp_ptr,
-                        dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
-                        C, H, W, NF, HID, TILES_PER_IMG, N_TILES, N_PROG,
-                        BLOCK_M: tl.constexpr, CP: tl.constexpr, CPP: tl.constexpr,
-                        NFP: tl.constexpr, HB: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        DOT_DTYPE: tl.constexpr,
-                        UPCAST: tl.constexpr, IDX64: tl.constexpr):
+def nca_step_bwd_kernel(
+    x_ptr,
+    k_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    m_ptr,
+    g_ptr,
+    dp_ptr,
+    dw1_ptr,
+    db1_ptr,
+    dw2_ptr,
+    db2_ptr,
+    C,
+    H,
+    W,
+    NF,
+    HID,
+    TILES_PER_IMG,
+    N_TILES,
+    N_PROG,
+    BLOCK_M: tl.constexpr,
+    CP: tl.constexpr,
+    CPP: tl.constexpr,
+    NFP: tl.constexpr,
+    HB: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IDX64: tl.constexpr,
+):
     # One launch, two roles, both persistent over tiles t = q, q + N_PROG, ... (program q of its
     # role); grid (N_PROG * (1 + N_CHUNKS),), N_CHUNKS = cdiv(HID, HB):
     #   pid < N_PROG:  dP = sum_chunks da[chunk] @ w1[chunk]  -> dp: (B, FC, H*W)
@@ -182,35 +239,58 @@ def nca_step_bwd_kernel(x_ptr, k_ptr, w1_ptr, b1_ptr, w2_ptr, m_ptr, g_ptr, dp_p
             b = (t // TILES_PER_IMG).to(tl.int64)
             n = (t % TILES_PER_IMG) * BLOCK_M + tl.arange(0, BLOCK_M)
             inb = n < HW
-            p = _perceive_tile(x_ptr + b * C * HW, k_ptr, n, H, W, C, NF, BLOCK_M, CPP,
-                               NFP, IDX64)
+            p = _perceive_tile(x_ptr + b * C * HW, k_ptr, n, H, W, C, NF, BLOCK_M, CPP, NFP, IDX64)
             m = tl.load(m_ptr + b * HW + n, mask=inb, other=0).to(acc_ty)[:, None]
-            g = tl.load(g_ptr + b * C * HW + _idx(cc[None, :], IDX64) * HW + n[:, None],
-                        mask=inb[:, None] & cm[None, :], other=0.0).to(acc_ty)
+            g = tl.load(
+                g_ptr + b * C * HW + _idx(cc[None, :], IDX64) * HW + n[:, None],
+                mask=inb[:, None] & cm[None, :],
+                other=0.0,
+            ).to(acc_ty)
             gy = tl.where(m != 0, g * m, 0.0)  # (BLOCK_M, CP); 0 on resting and padded cells
             dp = tl.zeros((BLOCK_M, CPP * NFP), dtype=acc_ty)
             for h0 in range(0, HID, HB):
                 hid = h0 + tl.arange(0, HB)
                 hm = hid < HID
-                w1t = tl.load(w1_ptr + hid[None, :] * FC + col[:, None],
-                              mask=colm[:, None] & hm[None, :], other=0.0)  # (FCP, HB)
-                a = _dot(p, w1t, tl.zeros((BLOCK_M, HB), dtype=acc_ty), DOT_PRECISION, DOT_DTYPE,
-                         UPCAST) + tl.load(b1_ptr + hid, mask=hm, other=0.0)[None, :]
-                w2c = tl.load(w2_ptr + cc[:, None] * HID + hid[None, :],
-                              mask=cm[:, None] & hm[None, :], other=0.0)  # (CP, HB)
-                dh = _dot(gy, w2c, tl.zeros((BLOCK_M, HB), dtype=acc_ty), DOT_PRECISION,
-                          DOT_DTYPE, UPCAST)
+                w1t = tl.load(
+                    w1_ptr + hid[None, :] * FC + col[:, None],
+                    mask=colm[:, None] & hm[None, :],
+                    other=0.0,
+                )  # (FCP, HB)
+                a = (
+                    _dot(
+                        p,
+                        w1t,
+                        tl.zeros((BLOCK_M, HB), dtype=acc_ty),
+                        DOT_PRECISION,
+                        DOT_DTYPE,
+                        UPCAST,
+                    )
+                    + tl.load(b1_ptr + hid, mask=hm, other=0.0)[None, :]
+                )
+                w2c = tl.load(
+                    w2_ptr + cc[:, None] * HID + hid[None, :],
+                    mask=cm[:, None] & hm[None, :],
+                    other=0.0,
+                )  # (CP, HB)
+                dh = _dot(
+                    gy, w2c, tl.zeros((BLOCK_M, HB), dtype=acc_ty), DOT_PRECISION, DOT_DTYPE, UPCAST
+                )
                 da = tl.where(a > 0, dh, 0.0)
                 dp = _dot(da, tl.trans(w1t), dp, DOT_PRECISION, DOT_DTYPE, UPCAST)
-            tl.store(dp_ptr + b * FC * HW + _idx(col[None, :], IDX64) * HW + n[:, None], dp,
-                     mask=inb[:, None] & colm[None, :])
+            tl.store(
+                dp_ptr + b * FC * HW + _idx(col[None, :], IDX64) * HW + n[:, None],
+                dp,
+                mask=inb[:, None] & colm[None, :],
+            )
     else:
         hid = (role - 1) * HB + tl.arange(0, HB)
         hm = hid < HID
-        w1t = tl.load(w1_ptr + hid[None, :] * FC + col[:, None], mask=colm[:, None] & hm[None, :],
-                      other=0.0)  # (FCP, HB)
-        w2c = tl.load(w2_ptr + cc[:, None] * HID + hid[None, :], mask=cm[:, None] & hm[None, :],
-                      other=0.0)  # (CP, HB)
+        w1t = tl.load(
+            w1_ptr + hid[None, :] * FC + col[:, None], mask=colm[:, None] & hm[None, :], other=0.0
+        )  # (FCP, HB)
+        w2c = tl.load(
+            w2_ptr + cc[:, None] * HID + hid[None, :], mask=cm[:, None] & hm[None, :], other=0.0
+        )  # (CP, HB)
         b1 = tl.load(b1_ptr + hid, mask=hm, other=0.0)
         dw1 = tl.zeros((HB, CPP * NFP), dtype=acc_ty)
         dw2 = tl.zeros((CP, HB), dtype=acc_ty)
@@ -220,35 +300,59 @@ def nca_step_bwd_kernel(x_ptr, k_ptr, w1_ptr, b1_ptr, w2_ptr, m_ptr, g_ptr, dp_p
             b = (t // TILES_PER_IMG).to(tl.int64)
             n = (t % TILES_PER_IMG) * BLOCK_M + tl.arange(0, BLOCK_M)
             inb = n < HW
-            p = _perceive_tile(x_ptr + b * C * HW, k_ptr, n, H, W, C, NF, BLOCK_M, CPP,
-                               NFP, IDX64)
-            a = _dot(p, w1t, tl.zeros((BLOCK_M, HB), dtype=acc_ty), DOT_PRECISION, DOT_DTYPE,
-                     UPCAST) + b1[None, :]  # (BLOCK_M, HB)
+            p = _perceive_tile(x_ptr + b * C * HW, k_ptr, n, H, W, C, NF, BLOCK_M, CPP, NFP, IDX64)
+            a = (
+                _dot(
+                    p, w1t, tl.zeros((BLOCK_M, HB), dtype=acc_ty), DOT_PRECISION, DOT_DTYPE, UPCAST
+                )
+                + b1[None, :]
+            )  # (BLOCK_M, HB)
             h = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)
             m = tl.load(m_ptr + b * HW + n, mask=inb, other=0).to(acc_ty)[:, None]
-            g = tl.load(g_ptr + b * C * HW + _idx(cc[None, :], IDX64) * HW + n[:, None],
-                        mask=inb[:, None] & cm[None, :], other=0.0).to(acc_ty)
+            g = tl.load(
+                g_ptr + b * C * HW + _idx(cc[None, :], IDX64) * HW + n[:, None],
+                mask=inb[:, None] & cm[None, :],
+                other=0.0,
+            ).to(acc_ty)
             gy = tl.where(m != 0, g * m, 0.0)  # (BLOCK_M, CP)
             dw2 = _dot(tl.trans(gy), h, dw2, DOT_PRECISION, DOT_DTYPE, UPCAST)
             db2 += tl.sum(gy, axis=0)
-            dh = _dot(gy, w2c, tl.zeros((BLOCK_M, HB), dtype=acc_ty), DOT_PRECISION, DOT_DTYPE,
-                      UPCAST)
+            dh = _dot(
+                gy, w2c, tl.zeros((BLOCK_M, HB), dtype=acc_ty), DOT_PRECISION, DOT_DTYPE, UPCAST
+            )
             da = tl.where(a > 0, dh, 0.0)
             db1 += tl.sum(da, axis=0)
             dw1 = _dot(tl.trans(da), p, dw1, DOT_PRECISION, DOT_DTYPE, UPCAST)  # (HB, FCP)
         q64 = q.to(tl.int64)
-        tl.store(dw1_ptr + q64 * HID * FC + hid[:, None] * FC + col[None, :], dw1,
-                 mask=hm[:, None] & colm[None, :])
-        tl.store(dw2_ptr + q64 * C * HID + cc[:, None] * HID + hid[None, :], dw2,
-                 mask=cm[:, None] & hm[None, :])
+        tl.store(
+            dw1_ptr + q64 * HID * FC + hid[:, None] * FC + col[None, :],
+            dw1,
+            mask=hm[:, None] & colm[None, :],
+        )
+        tl.store(
+            dw2_ptr + q64 * C * HID + cc[:, None] * HID + hid[None, :],
+            dw2,
+            mask=cm[:, None] & hm[None, :],
+        )
         tl.store(db1_ptr + q64 * HID + hid, db1, mask=hm)
         if role == 1:
             tl.store(db2_ptr + q64 * C + cc, db2, mask=cm)
 
 
 @triton.jit
-def nca_step_bwd_dx_kernel(dp_ptr, k_ptr, g_ptr, dx_ptr, C, H, W, NF,
-                           BLOCK_M: tl.constexpr, CP: tl.constexpr, IDX64: tl.constexpr):
+def nca_step_bwd_dx_kernel(
+    dp_ptr,
+    k_ptr,
+    g_ptr,
+    dx_ptr,
+    C,
+    H,
+    W,
+    NF,
+    BLOCK_M: tl.constexpr,
+    CP: tl.constexpr,
+    IDX64: tl.constexpr,
+):
     # dx[c, i, j] = g[c, i, j] + sum_f sum_ae k[f, a, e] dP[c*NF + f, wrap(i-a+1), wrap(j-e+1)]
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -290,8 +394,9 @@ def _dot_args(dtype: torch.dtype, device: torch.device, dot_precision: str | Non
     exactly under the interpreter). float64 always runs "ieee".
     """
     if dot_precision is not None and dot_precision not in DOT_PRECISIONS:
-        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS} or None, "
-                         f"got {dot_precision!r}")
+        raise ValueError(
+            f"dot_precision must be one of {DOT_PRECISIONS} or None, got {dot_precision!r}"
+        )
     gpu = gpu_info(device)
     if dtype != torch.float32:
         return dict(DOT_PRECISION="ieee", DOT_DTYPE="", UPCAST=False)
@@ -357,10 +462,20 @@ def _prepare(x, w1, b1, w2, mask, filters):
     return x, w1, b1, w2, m, filters.to(acc).contiguous()
 
 
-def nca_step_fwd(x, w1, b1, w2, b2, mask, filters, block_m: int | None = None,
-                 hidden_block: int | None = None, num_warps: int | None = None,
-                 dot_precision: str | None = None,
-                 num_stages: int | None = None):
+def nca_step_fwd(
+    x,
+    w1,
+    b1,
+    w2,
+    b2,
+    mask,
+    filters,
+    block_m: int | None = None,
+    hidden_block: int | None = None,
+    num_warps: int | None = None,
+    dot_precision: str | None = None,
+    num_stages: int | None = None,
+):
     """x + (w2 relu(w1 perceive(x) + b1) + b2) * mask on fired cells. Shapes checked by caller.
 
     x: (B, C, H, W); w1: (HID, F*C); b1: (HID,) or None; w2: (C, HID); b2: (C,) or None;
@@ -377,10 +492,32 @@ def nca_step_fwd(x, w1, b1, w2, b2, mask, filters, block_m: int | None = None,
     bm, hb, nw = block_m or bm, hidden_block or hb, num_warps or nw
     b2a = b1 if b2 is None else b2.to(w1.dtype).contiguous()  # b1 is a dummy pointer
     grid = (triton.cdiv(H * W, bm), B)
-    launch(nca_step_fwd_kernel, grid, x, k, w1, b1, w2, b2a, m, out, C, H, W, NF, HID,
-           HAS_B2=b2 is not None, BLOCK_M=bm, CP=_pad(C), **_tile_args(C, NF), HB=hb,
-           **_dot_args(w1.dtype, x.device, dot_precision), IDX64=_idx64(x, NF),
-           num_warps=nw, **({} if num_stages is None else dict(num_stages=num_stages)))
+    launch(
+        nca_step_fwd_kernel,
+        grid,
+        x,
+        k,
+        w1,
+        b1,
+        w2,
+        b2a,
+        m,
+        out,
+        C,
+        H,
+        W,
+        NF,
+        HID,
+        HAS_B2=b2 is not None,
+        BLOCK_M=bm,
+        CP=_pad(C),
+        **_tile_args(C, NF),
+        HB=hb,
+        **_dot_args(w1.dtype, x.device, dot_precision),
+        IDX64=_idx64(x, NF),
+        num_warps=nw,
+        **({} if num_stages is None else dict(num_stages=num_stages)),
+    )
     return out
 
 
@@ -391,10 +528,21 @@ def _n_programs(x: torch.Tensor, n_tiles: int) -> int:
     return max(1, min(n_tiles, 8))
 
 
-def nca_step_bwd(grad, x, w1, b1, w2, mask, filters, block_m: int | None = None,
-                 max_programs: int | None = None, hidden_block: int | None = None,
-                 num_warps: int | None = None, dot_precision: str | None = None,
-                 num_stages: int | None = None):
+def nca_step_bwd(
+    grad,
+    x,
+    w1,
+    b1,
+    w2,
+    mask,
+    filters,
+    block_m: int | None = None,
+    max_programs: int | None = None,
+    hidden_block: int | None = None,
+    num_warps: int | None = None,
+    dot_precision: str | None = None,
+    num_stages: int | None = None,
+):
     """Gradients of nca_step_fwd from the saved x and mask (p and h recomputed).
 
     Returns (dx, dw1, db1, dw2, db2): dx in grad's dtype; weight grads in the accumulation dtype
@@ -423,11 +571,52 @@ def nca_step_bwd(grad, x, w1, b1, w2, mask, filters, block_m: int | None = None,
             return dx, dw1.sum(0), db1.sum(0), dw2.sum(0), db2.sum(0)
     dp = torch.empty((B, NF * C, H, W), device=x.device, dtype=acc)  # scratch, freed on return
     n_chunks = triton.cdiv(HID, hb)
-    launch(nca_step_bwd_kernel, (n_prog * (1 + n_chunks),), x, k, w1, b1, w2, m, g, dp, dw1, db1,
-           dw2, db2, C, H, W, NF, HID, tiles_per_img, n_tiles, n_prog,
-           BLOCK_M=bm, CP=_pad(C), **_tile_args(C, NF), HB=hb,
-           **_dot_args(acc, x.device, dot_precision), IDX64=_idx64(x, NF), num_warps=nw,
-           **({} if num_stages is None else dict(num_stages=num_stages)))
-    launch(nca_step_bwd_dx_kernel, (triton.cdiv(H * W, 64), B), dp, k, g, dx, C, H, W, NF,
-           BLOCK_M=64, CP=_pad(C), IDX64=_idx64(x, NF), num_warps=4)
+    launch(
+        nca_step_bwd_kernel,
+        (n_prog * (1 + n_chunks),),
+        x,
+        k,
+        w1,
+        b1,
+        w2,
+        m,
+        g,
+        dp,
+        dw1,
+        db1,
+        dw2,
+        db2,
+        C,
+        H,
+        W,
+        NF,
+        HID,
+        tiles_per_img,
+        n_tiles,
+        n_prog,
+        BLOCK_M=bm,
+        CP=_pad(C),
+        **_tile_args(C, NF),
+        HB=hb,
+        **_dot_args(acc, x.device, dot_precision),
+        IDX64=_idx64(x, NF),
+        num_warps=nw,
+        **({} if num_stages is None else dict(num_stages=num_stages)),
+    )
+    launch(
+        nca_step_bwd_dx_kernel,
+        (triton.cdiv(H * W, 64), B),
+        dp,
+        k,
+        g,
+        dx,
+        C,
+        H,
+        W,
+        NF,
+        BLOCK_M=64,
+        CP=_pad(C),
+        IDX64=_idx64(x, NF),
+        num_warps=4,
+    )
     return dx, dw1.sum(0), db1.sum(0), dw2.sum(0), db2.sum(0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastnca.kernels._launch import launch
 
 
