@@ -185,6 +185,18 @@ def test_page_matches_pytorch_published_models(tmp_path, file, name, init):
 
 
 @needs_chromium
+def test_page_brush_erases_a_disc_of_cells(tmp_path):
+    model = randomize(NCA.fastai())
+    page = export_html(model, tmp_path / "nca.html")
+    got = read_state(run_headless(page, "test=4&seed=1&size=20x30&erase=10.5,5.5,4"))
+    want = torch_steps(model, hash_state(1, 4, 20, 30), 4, seed=1)
+    yy, xx = torch.meshgrid(torch.arange(20) + 0.5, torch.arange(30) + 0.5, indexing="ij")
+    disc = (xx - 10.5) ** 2 + (yy - 5.5) ** 2 <= 16  # cell centres within radius 4 of (x, y)
+    assert disc.sum() > 40 and (got[0, :, disc] == 0).all()
+    assert (got - want)[0, :, ~disc].abs().max() <= PARITY_ATOL
+
+
+@needs_chromium
 def test_page_says_so_without_webgl2_or_when_the_grid_is_too_big(tmp_path):
     page = export_html(NCA.fastai(), tmp_path / "nca.html")
     dom = run_headless(page, "test=1", extra_flags=("--disable-3d-apis",))
