@@ -121,7 +121,15 @@ def save_checkpoint(path, model, config: dict | None = None, train: dict | None 
 
 
 def resolve(path) -> Path:
-    """A checkpoint file from a file or a run directory (``RUN_DIR/checkpoint.pt``)."""
+    """A checkpoint file from a file, a run directory (``RUN_DIR/checkpoint.pt``) or ``zoo:NAME``
+    (a model shipped in ``fastnca.nca.zoo``)."""
+    from fastnca.nca.zoo import is_zoo_name, zoo_path
+
+    if is_zoo_name(path):
+        try:
+            return zoo_path(path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     p = Path(path).expanduser()
     if p.is_dir():
         f = p / CHECKPOINT_NAME

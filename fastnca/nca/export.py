@@ -9,7 +9,7 @@ textures, 4 channels per tile, and runs one NCA step as 3-4 fragment-shader pass
 residual, and (growing models) the alive mask. Weights travel as base64 float32.
 
 The update mask is a seeded integer hash per cell and step (``hash_mask``), so a Python run with
-the same masks reproduces the page's states (``tests/test_export.py`` checks it in headless
+the same masks reproduces the page's states (``tests/nca/test_export.py`` checks it in headless
 Chromium). Limits of the page: ``LIMITS`` (channels, hidden units, filters); the grid must fit the
 browser's largest texture (the page says so when it does not).
 """

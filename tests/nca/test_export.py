@@ -35,7 +35,7 @@ from fastnca.nca.export import (
 from fastnca.reference import nca_step_ref
 
 PARITY_ATOL = 1e-4
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 STEPS, H, W = 64, 24, 40  # non-square, so a transposed layout fails
 TEXTURE_CLIP = {
     "perception": (-2.0, 2.0),

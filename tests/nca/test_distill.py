@@ -13,7 +13,7 @@ from fastnca import DISTILL_FILTERS
 from fastnca.nca.distill import DistillFormatError, import_distill
 from fastnca.reference import nca_step_ref
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 TEXTURES = DATA / "textures_subset.json"
 LIZARD = DATA / "ex3_1f98e_lizard.json"
 
