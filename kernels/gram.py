@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from fastnca.kernels._launch import gpu_info, launch
+from fastnca.kernels._round import to_out
 
 
 @triton.jit
@@ -132,7 +133,7 @@ def gram_fwd_kernel(
     )
     o_base = out_ptr + s.to(tl.int64) * stride_split + b * C * C
     m = (rows_i < C)[:, None] & (rows_j < C)[None, :]
-    g = acc.to(out_ptr.dtype.element_ty)
+    g = to_out(acc, out_ptr.dtype.element_ty)
     tl.store(o_base + rows_i.to(tl.int64)[:, None] * C + rows_j[None, :], g, mask=m)
     # Mirror G[j-tile, i-tile] = tileᵀ; a diagonal tile is already complete.
     m_t = (rows_j < C)[:, None] & (rows_i < C)[None, :] & (ti != tj)
@@ -246,7 +247,7 @@ def gram_bwd_kernel(
         acc = acc * tl.load(gs_ptr).to(acc.dtype)
     tl.store(
         df_ptr + b * C * N + rows.to(tl.int64)[:, None] * N + cols[None, :],
-        acc.to(df_ptr.dtype.element_ty),
+        to_out(acc, df_ptr.dtype.element_ty),
         mask=m_r & m_c,
     )
 

@@ -11,8 +11,8 @@ Backward (the adjoint stencil, summed over the filters):
 One program handles one (b, c) plane and one BLOCK_H x BLOCK_W tile of it. The nine shifted taps are
 gathered with wrapped row/column indices, so the circular halo costs no padding copy and stays exact
 for any H, W >= 1. Arithmetic is in the filter dtype (float32, or float64 for float64 input);
-loads are converted first, stores cast to the output dtype (bf16/fp16 maths is never done in
-half precision). Plane offsets are 64-bit.
+loads are converted first, stores round once to the output dtype, to nearest even on every path
+(kernels/_round.py; bf16/fp16 maths is never done in half precision). Plane offsets are 64-bit.
 
 Bytes that must move, forward: read x once, write F*x; backward: read F*x, write x.
 """
@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from fastnca.kernels._launch import launch
+from fastnca.kernels._round import to_out
 
 
 @triton.jit
@@ -98,7 +99,7 @@ def perceive_fwd_kernel(
             + tl.load(kf + 8) * t22
         )
         o_base = out_ptr + (bc * NF + f) * plane
-        tl.store(o_base + out_offs, y.to(out_ptr.dtype.element_ty), mask=inb)
+        tl.store(o_base + out_offs, to_out(y, out_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
@@ -125,7 +126,7 @@ def perceive_bwd_kernel(
                 acc += tl.load(kf + a * 3 + e) * tl.load(g_base + offs, mask=inb).to(acc_ty)
     tl.store(
         dx_ptr + bc * plane + rows[:, None] * W + cols[None, :],
-        acc.to(dx_ptr.dtype.element_ty),
+        to_out(acc, dx_ptr.dtype.element_ty),
         mask=inb,
     )
 
