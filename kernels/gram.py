@@ -26,7 +26,11 @@ dtype: fp16/bf16 on tensor cores; fp32 as TF32 unless torch.get_float32_matmul_p
 "highest" (then full fp32). The backward dot casts S (or dG + dGᵀ) to the feature dtype for half
 inputs (as torch's half bmm does with its half gradient) and is TF32/fp32 as above for fp32.
 Under TRITON_INTERPRET=1 half inputs are upcast to fp32 after load (the interpreter's bf16 dot is
-wrong). Image and row offsets are 64-bit.
+wrong) and the backward dot stays fp32, unless FASTNCA_GPU_BRANCHES=1 (tests): then the launchers
+take the GPU's choices, fp16 dots run in fp16 (numpy: exact products, fp32 sums, like tensor cores)
+and bf16 ones round their operands to bf16 first and multiply them upcast (same values, a correct
+dot). Half stores round to nearest even on every path (kernels/_round.py). tf32 dots run exactly
+in fp32 under the interpreter (it ignores input_precision). Image and row offsets are 64-bit.
 
 Bytes that must move (per image, input dtype size s): forward reads C*N*s (+ C² target reads and,
 in training, C²*4 residual writes); backward reads C*N*s + C²*4 and writes C*N*s. FLOPs: forward
@@ -46,9 +50,15 @@ from fastnca.kernels._round import to_out
 
 
 @triton.jit
-def _tile_pair(p):
+def _tile_pair(p, SQRT_NUDGE: tl.constexpr = 0):
     # p-th tile of the upper triangle in column-major order: p = tj(tj+1)/2 + ti, 0 <= ti <= tj.
-    tj = ((tl.sqrt(8.0 * p.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    # tj = floor((sqrt(8p + 1) - 1) / 2), then corrected by one either way: a float32 sqrt a few
+    # ulps off (hardware approximations) still maps every p to its own pair. SQRT_NUDGE (tests
+    # only) moves the sqrt that many float32 ulps to prove the guard works.
+    r = tl.sqrt(8.0 * p.to(tl.float32) + 1.0)
+    if SQRT_NUDGE != 0:
+        r = (r.to(tl.int32, bitcast=True) + SQRT_NUDGE).to(tl.float32, bitcast=True)
+    tj = ((r - 1.0) * 0.5).to(tl.int32)
     tj = tl.where((tj + 1) * (tj + 2) // 2 <= p, tj + 1, tj)  # guard against sqrt rounding
     tj = tl.where(tj * (tj + 1) // 2 > p, tj - 1, tj)
     return p - tj * (tj + 1) // 2, tj
@@ -208,6 +218,7 @@ def gram_bwd_kernel(
     HAS_GS: tl.constexpr,
     DOT_IN_F_DTYPE: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    UPCAST: tl.constexpr = False,
 ):
     # dF_b[rows, cols] = scale * gs * sum_k A_b[rows, k] F_b[k, cols], A_b = a_b (+ a_bᵀ if SYM);
     # a: image b at a_ptr + b*stride_ab, (C, C); f, df: (B, C, N); gs: one-element scale tensor.
@@ -238,8 +249,12 @@ def gram_bwd_kernel(
         fb = tl.load(
             f_base + ks.to(tl.int64)[:, None] * N + cols[None, :], mask=mk[:, None] & m_c, other=0.0
         )
-        if DOT_IN_F_DTYPE:
-            acc = tl.dot(a.to(fb.dtype), fb, acc, input_precision=PREC)
+        if DOT_IN_F_DTYPE and UPCAST:  # interpreter: A rounded to F's dtype, exact dot
+            acc = tl.dot(
+                to_out(a, fb.dtype).to(acc.dtype), fb.to(acc.dtype), acc, input_precision="ieee"
+            )
+        elif DOT_IN_F_DTYPE:
+            acc = tl.dot(to_out(a, fb.dtype), fb, acc, input_precision=PREC)
         else:
             acc = tl.dot(a, fb.to(acc.dtype), acc, input_precision=PREC)
     acc = acc * scale
@@ -259,6 +274,12 @@ def gram_bwd_kernel(
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _gpu_branches() -> bool:
+    # The compiled GPU's code paths: always when compiled; under the interpreter on request
+    # (FASTNCA_GPU_BRANCHES=1, tests), so the tensor-core branches' indexing is tested on CPU.
+    return not _interpreting() or os.environ.get("FASTNCA_GPU_BRANCHES", "0") == "1"
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -300,7 +321,10 @@ def _split(n_programs: int, N: int, bk: int, device: torch.device, split) -> tup
 
 def _common(f: torch.Tensor):
     B, C, H, W = f.shape
-    upcast = f.dtype in (torch.float16, torch.bfloat16) and _interpreting()
+    # Upcast after load: the interpreter's bf16 dot is wrong; fp16 ones too unless asked otherwise.
+    upcast = _interpreting() and (
+        f.dtype == torch.bfloat16 or (f.dtype == torch.float16 and not _gpu_branches())
+    )
     return f.contiguous(), B, C, H * W, upcast
 
 
@@ -417,7 +441,7 @@ def gram_bwd(
     a: (B, C, C) or (C, C) (shared by the batch); f: (B, C, H, W); scale defaults to 1/(H*W);
     grad_scale: optional one-element tensor (the upstream gradient of a scalar loss).
     """
-    f, B, C, N, _ = _common(f)
+    f, B, C, N, upcast = _common(f)
     a = a.contiguous()
     if out is None:
         out = torch.empty((B, C, N), device=f.device, dtype=f.dtype)
@@ -428,7 +452,7 @@ def gram_bwd(
     bn = block_n or 64
     bk = block_k or max(16, min(32, triton.next_power_of_2(C)))
     grid = (triton.cdiv(N, bn), triton.cdiv(C, bm), B)
-    half_dot = f.dtype in (torch.float16, torch.bfloat16) and not _interpreting()
+    half_dot = f.dtype in (torch.float16, torch.bfloat16) and _gpu_branches()
     launch(
         gram_bwd_kernel,
         grid,
@@ -448,5 +472,6 @@ def gram_bwd(
         HAS_GS=grad_scale is not None,
         DOT_IN_F_DTYPE=half_dot,
         ACC_FP64=acc == torch.float64,
+        UPCAST=upcast,
     )
     return out.view(f.shape)

@@ -59,13 +59,15 @@ def ulp(v, dtype):
     return torch.where(a < fi.tiny, torch.full_like(a, fi.tiny * fi.eps), normal)
 
 
-def assert_rounded(got, exact, mag, n, acc=torch.float32, name="output"):
-    """got (any float dtype) against the exact float64 result under the rule above."""
+def assert_rounded(got, exact, mag, n, acc=torch.float32, name="output", rel=0.0):
+    """got (any float dtype) against the exact float64 result under the rule above; ``rel``: an
+    extra relative error on the terms (operands rounded before a dot: the unit roundoff of the
+    type they were rounded to, e.g. 2^-8 for bf16 tensor-core operands, 2^-11 for tf32)."""
     assert got.shape == exact.shape, (name, got.shape, exact.shape)
     u = UNIT[acc]
     gamma = n * u / (1 - n * u)
     g, y = got.double(), exact.double()
-    bound = 0.5 * ulp(torch.maximum(g.abs(), y.abs()), got.dtype) + gamma * mag.double()
+    bound = 0.5 * ulp(torch.maximum(g.abs(), y.abs()), got.dtype) + (gamma + rel) * mag.double()
     err = (g - y).abs()
     bad = ~(err <= bound)  # NaN (an unwritten cell) fails too
     if bad.any():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import TOL, nan_like
+from conftest import TOL, assert_rounded, nan_like
 from torch.library import opcheck
 
 from fastnca import StyleLoss, gram, style_loss
@@ -40,18 +40,21 @@ def test_reference_forms():
 
 
 @triton.jit
-def _pairs_kernel(out_ptr, n):
-    for p in range(n):
-        ti, tj = _tile_pair(tl.program_id(0) + p)  # a tensor index, as in the kernels
-        tl.store(out_ptr + 2 * p, ti)
-        tl.store(out_ptr + 2 * p + 1, tj)
+def _pairs_kernel(out_ptr, n, NUDGE: tl.constexpr):
+    p = tl.program_id(0) * 0 + tl.arange(0, 2048)  # a tensor index, as in the kernels
+    ti, tj = _tile_pair(p, NUDGE)
+    tl.store(out_ptr + 2 * p, ti, mask=p < n)
+    tl.store(out_ptr + 2 * p + 1, tj, mask=p < n)
 
 
-def test_tile_pair_enumerates_upper_triangle_once():
+@pytest.mark.parametrize("nudge", [0, -1, 1, -3, 3])
+def test_tile_pair_enumerates_upper_triangle_once(nudge):
+    # nudge: the sqrt moved that many float32 ulps (a hardware sqrt a few ulps off); without the
+    # guard, one ulp low maps 47 of 1176 pairs wrong.
     T = 48  # C up to 3072 with 64-row tiles
     n = T * (T + 1) // 2
     out = torch.full((n, 2), -1, dtype=torch.int32)
-    _pairs_kernel[(1,)](out, n)
+    _pairs_kernel[(1,)](out, n, nudge)
     want = sorted((i, j) for j in range(T) for i in range(j + 1))
     got = [tuple(r) for r in out.tolist()]
     assert sorted(got) == want
@@ -95,8 +98,9 @@ def test_kernel_style_forward_float64(C, H, W, per_image):
 def test_kernel_backward_float64(C, H, W):
     f = torch.randn(2, C, H, W, dtype=F64)
     dg = torch.randn(2, C, C, dtype=F64)  # upstream gradients are not symmetric in general
-    df = gram_bwd(dg, f, sym=True, out=nan_like((2, C, H * W), F64), block_m=16, block_n=32,
-                  block_k=16)
+    df = gram_bwd(
+        dg, f, sym=True, out=nan_like((2, C, H * W), F64), block_m=16, block_n=32, block_k=16
+    )
     fr = f.clone().requires_grad_()
     gram_ref(fr).backward(dg)
     torch.testing.assert_close(df, fr.grad, **TOL[F64])
@@ -104,31 +108,59 @@ def test_kernel_backward_float64(C, H, W):
     t = torch.randn(C, C, dtype=F64)
     _, res = style_fwd(f, t, save=True, block_m=16, block_k=16)
     g = torch.tensor(0.7, dtype=F64)
-    df = gram_bwd(res, f, sym=False, grad_scale=g, scale=2.0 / (2 * C * C * H * W),
-                  block_m=16, block_n=32, block_k=16)
+    df = gram_bwd(
+        res,
+        f,
+        sym=False,
+        grad_scale=g,
+        scale=2.0 / (2 * C * C * H * W),
+        block_m=16,
+        block_n=32,
+        block_k=16,
+    )
     fr.grad = None
     (0.7 * style_loss_ref([fr], [t])).backward()
     torch.testing.assert_close(df, fr.grad, **TOL[F64])
 
 
+@pytest.mark.parametrize("gpu_branches", [False, True], ids=["interp", "gpu-branches"])
+@pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_kernel_low_precision(dtype):
-    f = torch.randn(2, 24, 5, 7).to(dtype)
+def test_kernel_low_precision_correctly_rounded(dtype, split, gpu_branches, monkeypatch):
+    # Rule of tests/conftest.py. G = F Fᵀ / N: n = N products + the 1/N scale (rounded) in
+    # float32, one rounding to dtype. gpu_branches: the launchers' compiled-GPU choices (fp16 dots
+    # in fp16, the backward's A = dG + dGᵀ rounded to the feature dtype before its dot: one more
+    # relative rounding of that dtype on every term).
+    if gpu_branches:
+        monkeypatch.setenv("FASTNCA_GPU_BRANCHES", "1")
+    B, C, H, W = 2, 24, 5, 7
+    N = H * W
+    f = torch.randn(B, C, H, W).to(dtype)
     fd = f.double()
-    tol = TOL[dtype]
-    g = gram_fwd(f, out=nan_like((2, 24, 24), dtype), block_m=16, block_k=16)
+    g = gram_fwd(f, out=nan_like((B, C, C), dtype), block_m=16, block_k=16, split=split)
     assert g.dtype == dtype
-    torch.testing.assert_close(g.double(), gram_ref(fd), **tol)
-    t = torch.randn(24, 24)
-    loss, res = style_fwd(f, t, save=True, block_m=16, block_k=16)
+    mag_g = gram_ref(fd.abs())
+    assert_rounded(g, gram_ref(fd), mag_g, n=N + 2 + split, name="G")
+    # Style loss and residual, float32: D = G - T, S = D + Dᵀ, L = mean(D²).
+    t = torch.randn(C, C)
+    loss, res = style_fwd(f, t, save=True, block_m=16, block_k=16, split=split)
     assert loss.dtype == torch.float32 and res.dtype == torch.float32
     d = gram_ref(fd) - t.double()
-    torch.testing.assert_close(loss.double(), d.square().mean(), **tol)
-    dg = torch.randn(2, 24, 24).to(dtype)
-    df = gram_bwd(dg, f, sym=True, block_m=16, block_n=32, block_k=16)
+    mag_d = mag_g + t.double().abs()  # bounds |D| and what D's rounding sees
+    n_d = N + 4 + split
+    assert_rounded(res, d + d.transpose(1, 2), mag_d + mag_d.transpose(1, 2), n=n_d, name="S")
+    mag_l = (2 * d.abs() * mag_d).mean()
+    assert_rounded(loss, d.square().mean(), mag_l, n=n_d + B * C * C + 2, name="loss")
+    # Backward: dF = (dG + dGᵀ) F / N; n = C terms + the symmetric add + scale.
+    dg = torch.randn(B, C, C).to(dtype)
+    out = nan_like((B, C, N), dtype)
+    df = gram_bwd(dg, f, sym=True, out=out, block_m=16, block_n=32, block_k=16)
     assert df.dtype == dtype
-    want = (dg.double() + dg.double().transpose(1, 2)) @ fd.reshape(2, 24, 35) / 35
-    torch.testing.assert_close(df.double(), want.view(f.shape), **tol)
+    dgd, fr = dg.double(), fd.reshape(B, C, N)
+    want = ((dgd + dgd.transpose(1, 2)) @ fr / N).view(f.shape)
+    mag = ((dgd.abs() + dgd.abs().transpose(1, 2)) @ fr.abs() / N).view(f.shape)
+    rel = torch.finfo(dtype).eps / 2 if gpu_branches and dtype != torch.float32 else 0.0
+    assert_rounded(df, want, mag, n=C + 3, rel=rel, name="dF")
 
 
 def test_registered_ops_autograd_and_opcheck():
@@ -159,15 +191,21 @@ def test_registered_ops_autograd_and_opcheck():
     opcheck(torch.ops.fastnca.gram.default, (fx,), test_utils=utils)
     opcheck(torch.ops.fastnca.gram_backward.default, (dg, f.detach()), test_utils=utils)
     opcheck(torch.ops.fastnca.style_loss.default, (fx, t, True), test_utils=utils)
-    opcheck(torch.ops.fastnca.style_loss_backward.default,
-            (torch.tensor(1.0), res, f.detach()), test_utils=utils)
+    opcheck(
+        torch.ops.fastnca.style_loss_backward.default,
+        (torch.tensor(1.0), res, f.detach()),
+        test_utils=utils,
+    )
 
 
 def test_public_cpu_several_layers_float64():
     shapes = [(2, 3, 5, 7), (2, 16, 3, 3), (2, 37, 9, 11)]
     feats = [torch.randn(s, dtype=F64, requires_grad=True) for s in shapes]
-    targets = [torch.randn(3, 3, dtype=F64), torch.randn(2, 16, 16, dtype=F64),
-               gram_ref(torch.randn(1, 37, 4, 4, dtype=F64))[0]]
+    targets = [
+        torch.randn(3, 3, dtype=F64),
+        torch.randn(2, 16, 16, dtype=F64),
+        gram_ref(torch.randn(1, 37, 4, 4, dtype=F64))[0],
+    ]
     w = [1.0, 0.25, 3.0]
     loss = style_loss(feats, targets, w)
     want = style_loss_ref([f.detach() for f in feats], targets, w)
@@ -177,8 +215,10 @@ def test_public_cpu_several_layers_float64():
     style_loss_ref(refs, targets, w).backward()
     for f, r in zip(feats, refs, strict=True):
         torch.testing.assert_close(f.grad, r.grad, **TOL[F64])
-    small = [torch.randn(2, 3, 3, 5, dtype=F64, requires_grad=True),
-             torch.randn(1, 4, 2, 3, dtype=F64, requires_grad=True)]
+    small = [
+        torch.randn(2, 3, 3, 5, dtype=F64, requires_grad=True),
+        torch.randn(1, 4, 2, 3, dtype=F64, requires_grad=True),
+    ]
     ts = [torch.randn(3, 3, dtype=F64), torch.randn(1, 4, 4, dtype=F64)]
     assert torch.autograd.gradcheck(lambda a, b: style_loss([a, b], ts, [0.5, 2.0]), tuple(small))
     assert torch.autograd.gradcheck(lambda a: gram(a), (small[0],))
@@ -264,13 +304,23 @@ T4 = torch.zeros(4, 4)
         ([F4, torch.zeros(4, 3, 3)], [T4, T4], None, ValueError, r"feats\[1\] must be 4-D"),
         ([F4.long()], [T4], None, TypeError, r"feats\[0\] must be a floating.*int64"),
         ([F4], [T4.int()], None, TypeError, r"targets\[0\] must be a floating.*int32"),
-        ([F4, F4], [T4, torch.zeros(5, 5)], None, ValueError,
-         r"targets\[1\] has shape \(5, 5\) but feats\[1\] has 4 channels.*expected \(4, 4\)"),
+        (
+            [F4, F4],
+            [T4, torch.zeros(5, 5)],
+            None,
+            ValueError,
+            r"targets\[1\] has shape \(5, 5\) but feats\[1\] has 4 channels.*expected \(4, 4\)",
+        ),
         ([F4], [torch.zeros(3, 4, 4)], None, ValueError, r"\(2, 4, 4\)"),
         ([torch.zeros(2, 4, 0, 3)], [T4], None, ValueError, "H, W >= 1"),
         ("feats", [T4], None, TypeError, "feats must be a tensor or a list"),
-        ([F4], [torch.zeros(4, 4, device="meta")], None, ValueError,
-         r"targets\[0\] is on meta but feats\[0\] is on cpu"),
+        (
+            [F4],
+            [torch.zeros(4, 4, device="meta")],
+            None,
+            ValueError,
+            r"targets\[0\] is on meta but feats\[0\] is on cpu",
+        ),
     ],
 )
 def test_bad_inputs(feats, targets, weights, err, match):
