@@ -549,7 +549,7 @@ Configuration rules (the launchers' defaults; docs/gpu_static_before.md has the 
 nca_step forward: 32 cells x 32 hidden units per chunk, 4 warps (16 cells when C*F > 64); the
 hidden layer is looped over in chunks, so only a (32, 32) slice of the activations is live.
 nca_step backward: one launch, two roles of persistent programs: dP (all hidden chunks) and, per
-hidden chunk of 16, that chunk's weight-gradient partials; 16 cells, 4 warps. The nine filter taps
+hidden chunk of 16, that chunk's weight-gradient partials; 32 cells, 8 warps. The nine filter taps
 of the perception tile are reloaded per tile (volatile) instead of being hoisted out of the
 persistent loop as nine register-resident tiles. Offsets inside an image are 32-bit unless
 F*C*H*W can pass 2**31. Gram/style forward: 8 warps. `dot_precision` ("ieee", "tf32", "tf32x3",

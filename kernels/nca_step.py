@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from fastnca.kernels._launch import gpu_info, launch
+from fastnca.kernels._round import to_out
 
 
 @triton.jit
@@ -108,8 +109,8 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST
     # exact-product "ieee" dot (the interpreter's half dot is wrong). DOT_DTYPE "": the dot of
     # the float32 (float64) operands runs at DOT_PRECISION ("ieee", "tf32", "tf32x3").
     if DOT_DTYPE == "bf16":
-        a = a.to(tl.bfloat16)
-        b = b.to(tl.bfloat16)
+        a = to_out(a, tl.bfloat16)  # nearest even, interpreted too (kernels/_round.py)
+        b = to_out(b, tl.bfloat16)
     elif DOT_DTYPE == "fp16":
         a = a.to(tl.float16)
         b = b.to(tl.float16)
@@ -183,7 +184,7 @@ def nca_step_fwd_kernel(
     lm = inb[:, None] & cm[None, :]
     xc = tl.load(x_base + offs, mask=lm, other=0.0).to(acc_ty)
     out = tl.where(m != 0, xc + y * m, xc)
-    tl.store(out_ptr + b * C * HW + offs, out.to(out_ptr.dtype.element_ty), mask=lm)
+    tl.store(out_ptr + b * C * HW + offs, to_out(out, out_ptr.dtype.element_ty), mask=lm)
 
 
 @triton.jit
@@ -374,7 +375,7 @@ def nca_step_bwd_dx_kernel(
                 src = ((i + (1 - a) + H) % H) * W + (j + (1 - e) + W) % W
                 d = tl.load(dp_base + plane[None, :] + src[:, None], mask=lm, other=0.0)
                 acc += tl.load(k_ptr + f * 9 + (a * 3 + e)) * d.to(acc_ty)
-    tl.store(dx_ptr + b * C * HW + offs, acc.to(dx_ptr.dtype.element_ty), mask=lm)
+    tl.store(dx_ptr + b * C * HW + offs, to_out(acc, dx_ptr.dtype.element_ty), mask=lm)
 
 
 def _pad(v: int) -> int:
@@ -417,15 +418,16 @@ def _config(C: int, NF: int, HID: int, backward: bool) -> tuple[int, int, int]:
 
     Registers per thread grow with BLOCK_M * (FCP + HB) / threads (perception tile, one hidden
     slice and their split tf32x3 operands) plus, in backward, the (HB, FCP) weight-gradient
-    slice (the backward's weight-gradient role is the heavy one: 16 cells there). Forward 32 cells
-    x 32 hidden on 4 warps, backward 16 x 16 on 4 warps compile without spills for FCP <= 64
+    slice (the backward's weight-gradient role is the heavy one). Forward 32 cells x 32 hidden on
+    4 warps, backward 32 cells x 16 hidden on 8 warps compile without spills for FCP <= 64
     (C*F <= 64) on sm_80 and sm_90 in float32/bf16/fp16 (table in docs/gpu_static.md, made by
-    ``python -m fastnca.gpu_static``); wider forward tiles take 16 cells.
+    ``python -m fastnca.gpu_static``; sm_100 backward: a few bytes, see there); wider tiles take
+    16 cells.
     """
     t = _tile_args(C, NF)
     wide = t["CPP"] * t["NFP"] > 64
     if backward:
-        return 16, min(16, _pad(HID)), 4
+        return (16 if wide else 32), min(16, _pad(HID)), 8
     return (16 if wide else 32), min(32, _pad(HID)), 4
 
 

@@ -78,9 +78,9 @@ def test_bad_arguments_exit_2(capsys):
 
 def test_check_fails_on_an_injected_spilling_configuration():
     # The gate: a clean default (perceive) passes, the injected nca_step backward at 64 cells on
-    # 8 warps (outside the configuration rule) spills on sm_80, so --check exits 1 and names it.
+    # 4 warps (outside the configuration rule) spills on sm_80, so --check exits 1 and names it.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    inject = "nca_step,texture 12/96,float32,block_m=64,num_warps=8"
+    inject = "nca_step,texture 12/96,float32,block_m=64,num_warps=4"
     r = subprocess.run(
         [
             sys.executable,
@@ -103,7 +103,7 @@ def test_check_fails_on_an_injected_spilling_configuration():
     )
     assert r.returncode == 1, r.stdout + r.stderr[-2000:]
     spills = [line for line in r.stdout.splitlines() if line.startswith("SPILLS")]
-    assert spills and all("block_m=64 num_warps=8" in line for line in spills)
+    assert spills and all("block_m=64 num_warps=4" in line for line in spills)
     assert any("nca_step_bwd_kernel" in line for line in spills)
     assert "perceive" not in "\n".join(spills)
     assert "problem(s)" in r.stdout.splitlines()[-1]
