@@ -543,7 +543,8 @@ FP32 peak), with the bytes the launch must move (its inputs and outputs once; sc
 such as nca_step's dP, counts) and the useful FLOPs (Gram: upper triangle). Peaks used (dense,
 vendor data sheets): {cards}. Dot peak by precision: "ieee" = FP32 FMA, "tf32", "tf32x3" = TF32 / 3,
 "half" (bf16/fp16 operands, fp32 accumulation). float32 Gram dots are "ieee" because torch's default
-float32 matmul precision is "highest" (set "high" for TF32). sm_100 has no floor column.
+float32 matmul precision is "highest" (set "high" for TF32). sm_100 has no floor column; an
+A100-80GB (2.039 TB/s) has floors 1.31x below the A100-40GB column where memory-bound.
 
 Configuration rules (the launchers' defaults; docs/gpu_static_before.md has the table before them):
 nca_step forward: 32 cells x 32 hidden units per chunk, 4 warps (16 cells when C*F > 64); the
@@ -556,12 +557,16 @@ F*C*H*W can pass 2**31. Gram/style forward: 8 warps. `dot_precision` ("ieee", "t
 "bf16", "fp16") is an opt-in of the nca_step launchers; the default keeps float32 accuracy
 (tf32x3 on sm_80+).
 
+Open: on sm_100 (reported, not gated) the nca_step backward of the 12- and 16-channel cases still
+spills 16 B (float32) / 36 B (bf16, fp16) per thread; 16 cells, 2-stage or 1-stage pipelining did
+not remove it (12 to 1284 B).
+
 """
 
 
 def document(rows: list[Row], ccs) -> str:
     cards = "; ".join(
-        f"{c.name} {c.bw / 1e12:.3g} TB/s, FP32 {c.fp32 / 1e12:.3g}, TF32 {c.tf32 / 1e12:.3g}, "
+        f"{c.name} {c.bw / 1e12:.4g} TB/s, FP32 {c.fp32 / 1e12:.3g}, TF32 {c.tf32 / 1e12:.3g}, "
         f"bf16/fp16 {c.half / 1e12:.3g} TFLOP/s"
         for c in CARDS
     )
