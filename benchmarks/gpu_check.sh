@@ -49,9 +49,9 @@ timeout 240 "$PY" -c "import sys; from fastnca.cli import main; sys.exit(main())
 rc_bench=$?
 
 echo "== gpu_check: float32 kernel launches against their static floors ($(date -u +%T))"
-# Every recorded launch of the static report (python -m fastnca.gpu_static) timed with
+# Every recorded launch of the static report (python -m fastnca.bench.gpu_static) timed with
 # triton.testing.do_bench (median, L2 flushed before each rep), beside its roofline floor.
-timeout 150 "$PY" -m fastnca.gpu_static --only float32 --time docs/gpu_check_floors.md
+timeout 150 "$PY" -m fastnca.bench.gpu_static --only float32 --time docs/gpu_check_floors.md
 rc_floor=$?
 
 {

@@ -10,7 +10,7 @@ Under ``TRITON_INTERPRET=1`` (CPU tests) ``@triton.jit`` gives an interpreted fu
 tracing) it would read their missing data. Its effect on shapes is nil (launchers allocate the
 outputs), so for interpreted kernels the launch is skipped on fake or meta tensors.
 
-Recording (``fastnca.gpu_static``): inside ``with recording(GpuInfo(capability, sms)) as rec:`` a
+Recording (``fastnca.bench.gpu_static``): in ``with recording(GpuInfo(capability, sms)) as rec:`` a
 launcher called with meta tensors launches nothing and appends one ``Launch`` (kernel, grid,
 arguments, keyword arguments) per kernel to ``rec``; the launchers ask ``gpu_info(device)`` for the
 capability and SM count, which the recording supplies. So the static report compiles exactly what

@@ -421,8 +421,8 @@ def _config(C: int, NF: int, HID: int, backward: bool) -> tuple[int, int, int]:
     slice (the backward's weight-gradient role is the heavy one). Forward 32 cells x 32 hidden on
     4 warps, backward 32 cells x 16 hidden on 8 warps compile without spills for FCP <= 64
     (C*F <= 64) on sm_80 and sm_90 in float32/bf16/fp16 (table in docs/gpu_static.md, made by
-    ``python -m fastnca.gpu_static``; sm_100 backward: a few bytes, see there); wider tiles take
-    16 cells.
+    ``python -m fastnca.bench.gpu_static``; sm_100 backward: a few bytes, see there); wider tiles
+    take 16 cells.
     """
     t = _tile_args(C, NF)
     wide = t["CPP"] * t["NFP"] > 64

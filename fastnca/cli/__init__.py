@@ -16,7 +16,7 @@ import sys
 from fastnca.cli._common import UsageError, first_line, one_line_errors
 
 # Subcommands, in the order `fastnca --help` lists them; each is fastnca.cli.<name>.
-COMMANDS = ["train", "render", "stylize", "bench", "import", "export", "zoo"]
+COMMANDS = ["train", "render", "stylize", "bench", "import", "export", "zoo", "doctor"]
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 

@@ -2,7 +2,7 @@
 
 Versions (Python, torch, Triton, CUDA), the requested backend (FASTNCA_BACKEND), every device with
 its compute capability and bf16 support, the path each op takes there (Triton kernels or torch
-composite) with the reason, and whether the static GPU report (python -m fastnca.gpu_static) is
+composite) with the reason, and whether the static GPU report (python -m fastnca.bench.gpu_static) is
 clean for each CUDA card: read from its compile cache, or compiled with --static.
 
 Example:
@@ -37,23 +37,24 @@ def add_parser(sub):
 
 
 def _static(cc: int, compile_missing: bool) -> str:
-    from fastnca import gpu_static as gs
+    from fastnca.bench import gpu_compile
+    from fastnca.bench import gpu_static as gs
 
     if cc not in gs.ARCHS:
         return f"not covered (the report compiles {', '.join(f'sm_{c}' for c in gs.ARCHS)})"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return "unknown under TRITON_INTERPRET=1 (run python -m fastnca.gpu_static --check)"
+        return "unknown under TRITON_INTERPRET=1 (run python -m fastnca.bench.gpu_static --check)"
     cases = gs.default_cases()
     jobs, missing = {}, 0
     for case in cases:
         for launch in gs.record(case, gs.ARCHS[cc]):
             key, *job = gs._job(launch, cc)
             jobs[key] = (key, *job)
-            missing += not os.path.exists(os.path.join(gs._cache_dir(), key + ".json"))
+            missing += not os.path.exists(os.path.join(gpu_compile._cache_dir(), key + ".json"))
     if missing and not compile_missing:
         return (
             f"not in the cache ({missing} of {len(jobs)} launches): fastnca doctor --static, or "
-            f"python -m fastnca.gpu_static --check --arch {cc} --gate {cc}"
+            f"python -m fastnca.bench.gpu_static --check --arch {cc} --gate {cc}"
         )
     rows = gs.build(cases, [cc], os.cpu_count() or 1)
     found = gs.problems(rows, [cc])

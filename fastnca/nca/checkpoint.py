@@ -219,3 +219,19 @@ def load_checkpoint(path) -> Checkpoint:
 def load_nca(path, device=None):
     """The NCA module of a checkpoint file, run directory or lesson state dict."""
     return load_checkpoint(path).build_model(device)
+
+
+def add_to_zoo(run_dir, name: str, command: str, texture: str | None = None) -> Path:
+    """Store the model of a `fastnca train` run as ``zoo/<name>.pt``: config + weights only (no
+    pool, optimiser or RNG state), with the training command in ``config["zoo"]``. (Here, not in
+    ``fastnca.nca.zoo``: the zoo is read by this module and must not import it.)"""
+    from fastnca.nca.zoo import ZOO_DIR
+
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"zoo name must be letters, digits, - or _, got {name!r}")
+    ckpt = load_checkpoint(run_dir)
+    model = ckpt.build_model()
+    iters = (ckpt.train or {}).get("step")
+    config = {k: v for k, v in ckpt.config.items() if k not in ("filters",)}
+    config["zoo"] = {"name": name, "texture": texture, "command": command, "iterations": iters}
+    return save_checkpoint(ZOO_DIR / f"{name}.pt", model, config=config, train=None)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-# Compute capabilities compiled and checked by fastnca.gpu_static (its ARCHS): sm_80, sm_90,
+# Compute capabilities compiled and checked by fastnca.bench.gpu_static (its ARCHS): sm_80, sm_90,
 # sm_100.
 COVERED = ((8, 0), (9, 0), (10, 0))
 

@@ -33,18 +33,3 @@ def zoo_path(name: str) -> Path:
         known = ", ".join(zoo_names()) or "none"
         raise ValueError(f"unknown zoo model {key!r}; the zoo has: {known} (see `fastnca zoo`)")
     return ZOO_DIR / f"{key}.pt"
-
-
-def add_to_zoo(run_dir, name: str, command: str, texture: str | None = None) -> Path:
-    """Store the model of a `fastnca train` run as ``zoo/<name>.pt``: config + weights only (no
-    pool, optimiser or RNG state), with the training command in ``config["zoo"]``."""
-    from fastnca.nca.checkpoint import load_checkpoint, save_checkpoint
-
-    if not name.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"zoo name must be letters, digits, - or _, got {name!r}")
-    ckpt = load_checkpoint(run_dir)
-    model = ckpt.build_model()
-    iters = (ckpt.train or {}).get("step")
-    config = {k: v for k, v in ckpt.config.items() if k not in ("filters",)}
-    config["zoo"] = {"name": name, "texture": texture, "command": command, "iterations": iters}
-    return save_checkpoint(ZOO_DIR / f"{name}.pt", model, config=config, train=None)

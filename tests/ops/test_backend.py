@@ -98,7 +98,7 @@ def test_cpu_paths(monkeypatch):
 
 
 def test_covered_matches_the_static_report():
-    from fastnca.gpu_static import ARCHS
+    from fastnca.bench.gpu_hw import ARCHS
 
     assert sorted((cc // 10, cc % 10) for cc in ARCHS) == sorted(_backend.COVERED)
 

@@ -9,8 +9,8 @@ a cubin with the ptxas shipped in the triton wheel; ptxas' ``-v`` log gives regi
 spill bytes, the compiled metadata the shared memory. Occupancy follows from the per-arch limits;
 the roofline floor of one launch from the bytes it must move and the FLOPs it must run.
 
-    python -m fastnca.gpu_static --write docs/gpu_static.md     # the full table
-    python -m fastnca.gpu_static --check                        # CI: exit 1 on a spill/failure
+    python -m fastnca.bench.gpu_static --write docs/gpu_static.md  # the full table
+    python -m fastnca.bench.gpu_static --check                  # CI: exit 1 on a spill/failure
 
 Compiled results are cached by (Triton source hash, specialisation, options, target, triton
 version) under ``$FASTNCA_GPU_STATIC_CACHE`` (default ``~/.cache/fastnca/gpu_static``).
@@ -19,72 +19,16 @@ version) under ``$FASTNCA_GPU_STATIC_CACHE`` (default ``~/.cache/fastnca/gpu_sta
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import io
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-# ---------------------------------------------------------------------------------- hardware
-
-
-@dataclass(frozen=True)
-class Arch:
-    """Per-SM limits of one compute capability (CUDA programming guide, compute capabilities)."""
-
-    cc: int
-    name: str
-    smem_sm: int  # shared memory per SM usable by blocks (bytes)
-    smem_block: int  # opt-in maximum per block (bytes)
-    regs_sm: int = 65536
-    max_warps: int = 64
-    max_blocks: int = 32
-    sms: int = 108  # SM count used for grids (A100 108, H100 SXM 132, B200 148)
-
-
-ARCHS = {
-    80: Arch(80, "sm_80 (A100)", 164 * 1024, 163 * 1024, sms=108),
-    90: Arch(90, "sm_90 (H100/H200)", 228 * 1024, 227 * 1024, sms=132),
-    100: Arch(100, "sm_100 (B200)", 228 * 1024, 227 * 1024, sms=148),
-}
-GATED = (80, 90)  # --check fails on these targets by default
-
-
-@dataclass(frozen=True)
-class Card:
-    """Peak rates for the roofline floor (dense tensor-core rates, vendor data sheets)."""
-
-    name: str
-    cc: int
-    bw: float  # HBM bytes/s
-    fp32: float  # FP32 FMA on CUDA cores, FLOP/s
-    tf32: float
-    half: float  # bf16/fp16 tensor cores, fp32 accumulation
-
-
-CARDS = (
-    Card("A100-40GB", 80, 1.555e12, 19.5e12, 156e12, 312e12),
-    Card("H100-SXM", 90, 3.35e12, 66.9e12, 494.7e12, 989.4e12),
-    Card("H200", 90, 4.8e12, 66.9e12, 494.7e12, 989.4e12),
-)
-
-
-def _dot_rate(card: Card, kind: str) -> float:
-    # kind: "ieee" (FP32 FMA), "tf32", "tf32x3" (3 TF32 products), "bf16x3"/"bf16x6", "half".
-    return {
-        "ieee": card.fp32,
-        "tf32": card.tf32,
-        "tf32x3": card.tf32 / 3,
-        "half": card.half,
-        "bf16x3": card.half / 3,
-        "bf16x6": card.half / 6,
-    }[kind]
-
+from fastnca.bench.gpu_compile import _job, compile_all
+from fastnca.bench.gpu_hw import ARCHS, CARDS, Arch, floor_us
+from fastnca.bench.gpu_report import document, markdown
 
 # ---------------------------------------------------------------------------------- cases
 
@@ -193,120 +137,7 @@ def record(case: Case, arch: Arch, device: str = "meta", gpu=None) -> list:
 
 # ---------------------------------------------------------------------------------- compiling
 
-_PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_REGS = re.compile(r"Used (\d+) registers")
-
-
-def _cache_dir() -> str:
-    d = os.environ.get("FASTNCA_GPU_STATIC_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "fastnca", "gpu_static"
-    )
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
-def _job(launch, cc: int):
-    """(cache key, ASTSource, target, options dict) for one launch, as Triton's JIT builds them."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    kern = launch.kernel
-    target = GPUTarget("cuda", cc, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kern.signature, kern.params, backend)
-    bound, spec, opts = binder(*launch.args, **launch.kwargs)
-    options, sig, constexprs, attrs = kern._pack_args(backend, launch.kwargs, bound, spec, opts)
-    src = ASTSource(kern, sig, constexprs, attrs)
-    key = hashlib.sha256(
-        f"{src.hash()}|{sorted(options.__dict__.items())}|{cc}|{triton.__version__}".encode()
-    ).hexdigest()[:32]
-    return key, src, target, options.__dict__
-
-
-def _compile(job) -> dict:
-    """Compile one job -> resources (regs, stack, spill_stores, spill_loads, smem) or error."""
-    import triton
-
-    _, src, target, options = job
-    triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v log printed to stdout
-    triton.knobs.compilation.always_compile = True  # a Triton cache hit would skip ptxas
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            ck = triton.compile(src, target=target, options=options)
-    except Exception as e:  # noqa: BLE001 - reported per configuration
-        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"}
-    log = buf.getvalue()
-    m, r = _PTXAS.search(log), _REGS.search(log)
-    if not m or not r:
-        return {"error": "no ptxas -v log in the compile output"}
-    return {
-        "regs": int(r.group(1)),
-        "stack": int(m.group(1)),
-        "spill_stores": int(m.group(2)),
-        "spill_loads": int(m.group(3)),
-        "smem": int(ck.metadata.shared),
-        "num_stages": int(ck.metadata.num_stages),
-    }
-
-
-_JOBS: dict = {}  # key -> job, read by forked compile workers (jobs hold unpicklable kernels)
-
-
-def _compile_keyed(key):
-    return key, _compile(_JOBS[key])
-
-
-def compile_all(jobs: dict, n_jobs: int) -> dict:
-    """{key: job} -> {key: resources}, from the cache where present, else compiled (in parallel)."""
-    cache = _cache_dir()
-    out, todo = {}, []
-    for key in jobs:
-        path = os.path.join(cache, key + ".json")
-        if os.path.exists(path):
-            with open(path) as fh:
-                out[key] = json.load(fh)
-        else:
-            todo.append(key)
-    if todo:
-        print(
-            f"gpu_static: compiling {len(todo)} kernel configurations "
-            f"({len(out)} cached) with {n_jobs} process(es)",
-            file=sys.stderr,
-        )
-        _JOBS.clear()
-        _JOBS.update(jobs)
-        if n_jobs > 1 and len(todo) > 1:
-            import multiprocessing as mp
-
-            with mp.get_context("fork").Pool(n_jobs) as pool:
-                results = pool.map(_compile_keyed, todo, chunksize=1)
-        else:
-            results = [_compile_keyed(t) for t in todo]
-        for key, res in results:
-            out[key] = res
-            if "error" not in res or "no ptxas" not in res["error"]:
-                tmp = os.path.join(cache, f".{key}.{os.getpid()}.tmp")
-                with open(tmp, "w") as fh:
-                    json.dump(res, fh)
-                os.replace(tmp, os.path.join(cache, key + ".json"))
-    return out
-
-
 # ---------------------------------------------------------------------------------- analysis
-
-
-def occupancy(res: dict, warps: int, arch: Arch) -> tuple[int, float]:
-    """(blocks per SM, fraction of the SM's warp slots) from registers, shared memory, warps."""
-    if "error" in res or res["smem"] > arch.smem_block:
-        return 0, 0.0
-    regs_warp = -(-res["regs"] * 32 // 256) * 256  # allocated per warp in units of 256
-    by_regs = arch.regs_sm // max(1, regs_warp * warps)
-    by_smem = arch.smem_sm // (res["smem"] + 1024) if res["smem"] else arch.max_blocks
-    blocks = min(by_regs, by_smem, arch.max_warps // warps, arch.max_blocks)
-    return blocks, blocks * warps / arch.max_warps
 
 
 def _size(dtype: str) -> int:
@@ -353,13 +184,6 @@ def work(case: Case, launch) -> tuple[float, float, str, float]:
         prec = "half" if kw.get("DOT_IN_F_DTYPE") else kw["PREC"]
         return 2 * B * C * N * s + B * C * C * 4, 2.0 * B * C * C * N, prec, 0.0
     raise ValueError(f"no roofline formula for kernel {name}")
-
-
-def floor_us(w: tuple, card: Card) -> float:
-    nbytes, dot, kind, other = w
-    return 1e6 * max(
-        nbytes / card.bw, (dot / _dot_rate(card, kind) if dot else 0.0) + other / card.fp32
-    )
 
 
 # ---------------------------------------------------------------------------------- report
@@ -435,43 +259,6 @@ def problems(rows: list[Row], ccs) -> list[str]:
     return out
 
 
-def _cell(res: dict, warps: int, arch: Arch) -> str:
-    if res is None:
-        return ""
-    if "error" in res:
-        return "compile error"
-    blocks, occ = occupancy(res, warps, arch)
-    spill = f"**{res['spill_stores']}**" if res["spill_stores"] else "0"
-    return f"{res['regs']} / {spill} / {res['smem'] // 1024} / {blocks} ({occ:.0%})"
-
-
-def markdown(rows: list[Row], ccs) -> str:
-    head = ["op", "shape", "dtype", "kernel", "config [tensor dtypes]", "grid", "warps"]
-    head += [f"{ARCHS[cc].name}" for cc in ccs] + [f"floor µs {c.name}" for c in CARDS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [
-            r.case.op,
-            r.case.shape,
-            r.case.dtype,
-            r.kernel,
-            r.config,
-            "x".join(map(str, r.grid)),
-            str(r.warps),
-        ]
-        cells += [_cell(r.res.get(cc), r.warps, ARCHS[cc]) for cc in ccs]
-        cells += [f"{floor_us(r.work, c):.1f}" for c in CARDS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _versions() -> str:
-    import torch
-    import triton
-
-    return f"triton {triton.__version__}, torch {torch.__version__}"
-
-
 def measure(cases: list[Case]) -> str:
     """On a CUDA machine: every recorded launch timed with triton.testing.do_bench (median, L2
     flushed before each rep) beside its static floor for this card -> markdown table."""
@@ -508,74 +295,9 @@ def measure(cases: list[Case]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_DOC = """# Static GPU report
-
-Every Triton kernel launch of fastnca, compiled for three NVIDIA targets on a machine without a GPU,
-with the resources ptxas reports and the roofline floor of the launch. Regenerate with
-
-    python -m fastnca.gpu_static --write docs/gpu_static.md
-
-(compiled results are cached under `~/.cache/fastnca/gpu_static`, or `$FASTNCA_GPU_STATIC_CACHE`,
-keyed by Triton source hash, specialisation, options, target and triton version). CI runs
-`python -m fastnca.gpu_static --check`, which exits 1 naming every default configuration that
-spills, exceeds the per-block shared memory or fails to compile on sm_80 or sm_90.
-
-How: the real launchers (`fastnca/kernels/*.py`) are called on meta tensors inside
-`fastnca.kernels._launch.recording(GpuInfo(capability, SMs))`; they launch nothing and record the
-kernel, arguments, constexprs, grid and warps they would use on that GPU (dot precision and
-persistent grids follow the recorded capability and SM count, as on the card). Each launch is
-compiled with Triton's own binder and `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc,
-32))` down to a cubin with the wheel's ptxas; `ptxas -v` gives registers and spill bytes, the
-compiled metadata the shared memory.
-
-Cases: nca_step and perceive at the lesson (4 channels, 8 hidden, 4x256x256), texture (12/96,
-4x128x128) and 16/128 (4x128x128) shapes, 4 filters; gram and style_loss (training: residual
-saved) at VGG16 relu1_1..relu5_1 of one 256x256 image (64/128/256/512/512 channels at 256², 128²,
-64², 32², 16²); each in float32, bfloat16, float16, forward and backward launches.
-
-Cell legend per target: `registers / spill-store bytes / shared memory KiB / blocks per SM
-(occupancy)`. Occupancy = resident warps / 64, from registers (allocated per warp in units of 256,
-65536 per SM), shared memory (per SM: sm_80 164 KiB, sm_90/sm_100 228 KiB; +1 KiB reserved per
-block; per-block limit 163 / 227 KiB) and warps (64 per SM, 32 blocks).
-
-Roofline floor of one launch, µs = max(bytes / HBM bandwidth, dot FLOPs / dot peak + other FLOPs /
-FP32 peak), with the bytes the launch must move (its inputs and outputs once; scratch it writes,
-such as nca_step's dP, counts) and the useful FLOPs (Gram: upper triangle). Peaks used (dense,
-vendor data sheets): {cards}. Dot peak by precision: "ieee" = FP32 FMA, "tf32", "tf32x3" = TF32 / 3,
-"half" (bf16/fp16 operands, fp32 accumulation). float32 Gram dots are "ieee" because torch's default
-float32 matmul precision is "highest" (set "high" for TF32). sm_100 has no floor column; an
-A100-80GB (2.039 TB/s) has floors 1.31x below the A100-40GB column where memory-bound.
-
-Configuration rules (the launchers' defaults; docs/gpu_static_before.md has the table before them):
-nca_step forward: 32 cells x 32 hidden units per chunk, 4 warps (16 cells when C*F > 64); the
-hidden layer is looped over in chunks, so only a (32, 32) slice of the activations is live.
-nca_step backward: one launch, two roles of persistent programs: dP (all hidden chunks) and, per
-hidden chunk of 16, that chunk's weight-gradient partials; 32 cells, 8 warps. The nine filter taps
-of the perception tile are reloaded per tile (volatile) instead of being hoisted out of the
-persistent loop as nine register-resident tiles. Offsets inside an image are 32-bit unless
-F*C*H*W can pass 2**31. Gram/style forward: 8 warps. `dot_precision` ("ieee", "tf32", "tf32x3",
-"bf16", "fp16") is an opt-in of the nca_step launchers; the default keeps float32 accuracy
-(tf32x3 on sm_80+).
-
-Open: on sm_100 (reported, not gated) the nca_step backward of the 12- and 16-channel cases still
-spills 16 B (float32) / 36 B (bf16, fp16) per thread; 16 cells, 2-stage or 1-stage pipelining did
-not remove it (12 to 1284 B).
-
-"""
-
-
-def document(rows: list[Row], ccs) -> str:
-    cards = "; ".join(
-        f"{c.name} {c.bw / 1e12:.4g} TB/s, FP32 {c.fp32 / 1e12:.3g}, TF32 {c.tf32 / 1e12:.3g}, "
-        f"bf16/fp16 {c.half / 1e12:.3g} TFLOP/s"
-        for c in CARDS
-    )
-    return _DOC.format(cards=cards) + f"Made with {_versions()}.\n\n" + markdown(rows, ccs)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m fastnca.gpu_static", description=__doc__.split("\n")[0]
+        prog="python -m fastnca.bench.gpu_static", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--write", metavar="PATH", help="write the markdown table (with its header)")
     ap.add_argument("--json", metavar="PATH", help="write the rows as JSON")
