@@ -39,10 +39,17 @@ class Bug:
 
 BUGS = [
     Bug(
-        "perceive CPU composite computes in the input dtype",
+        # Only casting the conv to bf16 (acc = x.dtype) is an equivalent mutant on CPU: torch's
+        # bf16 conv2d accumulates in float32 and rounds once, and DISTILL_FILTERS are exact in
+        # bf16. This one sums the nine taps with half-precision adds, each rounded (float32 input
+        # is unaffected: those tests must still pass).
+        "perceive CPU composite sums its taps in bf16/fp16 arithmetic",
         "fastnca/ops/perceive.py",
-        "acc = torch.float64 if x.dtype == torch.float64 else torch.float32",
-        "acc = x.dtype",
+        "    y = F.conv2d(circular_pad1(x.to(acc)), weight, groups=C)\n",
+        "    xp = circular_pad1(x).repeat_interleave(filters.shape[0], 1)\n"
+        "    H, W = x.shape[-2:]\n"
+        "    y = sum(weight[:, 0, a, e].view(1, -1, 1, 1).to(x.dtype)"
+        " * xp[:, :, a : a + H, e : e + W]\n            for a in range(3) for e in range(3))\n",
         ("tests/ops/test_perceive.py", "-k", "cpu_path"),
     ),
     Bug(
