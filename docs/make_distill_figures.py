@@ -43,11 +43,17 @@ def main(argv=None) -> int:
     save_image(image_grid(imgs, ncols=6), out / "distill_textures.png")
     print("textures:", ", ".join(name for name, _ in tex))
     grow = [m for f in a.growing for m in import_distill(f).values()]
-    save_image(image_grid([grown(m, 72, 200) for m in grow], ncols=len(grow)),
-               out / "distill_growing.png")
+    save_image(
+        image_grid([grown(m, 72, 200) for m in grow], ncols=len(grow)), out / "distill_growing.png"
+    )
     if a.authors:
-        pics = [torch.tensor(list(Image.open(p).convert("RGB").resize((64, 64)).getdata()))
-                .float().div(255).T.reshape(3, 64, 64) for p in a.authors]
+        pics = [
+            torch.tensor(list(Image.open(p).convert("RGB").resize((64, 64)).getdata()))
+            .float()
+            .div(255)
+            .T.reshape(3, 64, 64)
+            for p in a.authors
+        ]
         save_image(image_grid(pics, ncols=len(pics)), out / "distill_authors.png")
     return 0
 

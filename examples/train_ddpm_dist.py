@@ -79,17 +79,31 @@ def main(argv=None) -> int:
 
     ds = SyntheticShapes(args.steps * args.bs * world, size=args.size)
     valid = SyntheticShapes(args.bs * world, size=args.size, seed=1)
-    dls = DataLoaders(ddpm_dataloader(ds, args.bs, shuffle=False),
-                      ddpm_dataloader(valid, args.bs, shuffle=False))
+    dls = DataLoaders(
+        ddpm_dataloader(ds, args.bs, shuffle=False), ddpm_dataloader(valid, args.bs, shuffle=False)
+    )
     model = UNet(1, nfs=tuple(int(c) for c in args.nfs.split(",")))
     rec = RecordCB()
-    learn = Learner(model, dls, F.mse_loss, lr=args.lr, cbs=[acc_cb, MetricsCB(), rec],
-                    opt_func=torch.optim.Adam)
+    learn = Learner(
+        model,
+        dls,
+        F.mse_loss,
+        lr=args.lr,
+        cbs=[acc_cb, MetricsCB(), rec],
+        opt_func=torch.optim.Adam,
+    )
     learn.fit(1)
 
-    result = {"rank": rank, "num_processes": world, "distributed_type": str(acc.distributed_type),
-              "device": str(acc.device), "steps": rec.steps, "loss": rec.loss,
-              "params_sha256": param_digest(learn.model), "first_batch_sha256": rec.first_batch}
+    result = {
+        "rank": rank,
+        "num_processes": world,
+        "distributed_type": str(acc.distributed_type),
+        "device": str(acc.device),
+        "steps": rec.steps,
+        "loss": rec.loss,
+        "params_sha256": param_digest(learn.model),
+        "first_batch_sha256": rec.first_batch,
+    }
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result, indent=1))

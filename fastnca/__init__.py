@@ -6,5 +6,17 @@ from fastnca.ops import Perception, StyleLoss, gram, nca_step, perceive, style_l
 from fastnca.reference import DEFAULT_FILTERS, DISTILL_FILTERS
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_FILTERS", "DISTILL_FILTERS", "NCA", "Perception", "StyleLoss", "content_loss",
-           "gram", "nca_step", "overflow_loss", "perceive", "sliced_wasserstein_loss", "style_loss"]
+__all__ = [
+    "DEFAULT_FILTERS",
+    "DISTILL_FILTERS",
+    "NCA",
+    "Perception",
+    "StyleLoss",
+    "content_loss",
+    "gram",
+    "nca_step",
+    "overflow_loss",
+    "perceive",
+    "sliced_wasserstein_loss",
+    "style_loss",
+]

@@ -31,17 +31,22 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         raise ValueError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device: {str(name)!r} requested but CUDA is not available on this "
-                             f"machine; use cpu")
+            raise ValueError(
+                f"device: {str(name)!r} requested but CUDA is not available on this "
+                f"machine; use cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {str(name)!r} does not exist ({torch.cuda.device_count()} "
-                             f"CUDA device(s))")
+            raise ValueError(
+                f"device: {str(name)!r} does not exist ({torch.cuda.device_count()} CUDA device(s))"
+            )
     elif dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ValueError(f"device: {str(name)!r} requested but MPS is not available on this "
-                             f"machine; use cpu")
+            raise ValueError(
+                f"device: {str(name)!r} requested but MPS is not available on this machine; use cpu"
+            )
     elif dev.type != "cpu":
-        raise ValueError(f"device: {str(name)!r} is not supported; expected auto, cpu, cuda, "
-                         f"cuda:N or mps")
+        raise ValueError(
+            f"device: {str(name)!r} is not supported; expected auto, cpu, cuda, cuda:N or mps"
+        )
     return dev

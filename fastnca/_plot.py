@@ -12,8 +12,9 @@ from PIL import Image, ImageDraw
 from fastnca._io import atomic_path
 
 
-def plot_losses(losses: Sequence[float], path, title: str = "", size=(640, 360),
-                xlabel: str = "iteration") -> Path:
+def plot_losses(
+    losses: Sequence[float], path, title: str = "", size=(640, 360), xlabel: str = "iteration"
+) -> Path:
     """The loss curve (log scale; raw in light blue, running mean in dark blue) as a PNG, drawn
     with Pillow (no matplotlib needed); non-finite and non-positive values are left out."""
 
@@ -34,8 +35,13 @@ def plot_losses(losses: Sequence[float], path, title: str = "", size=(640, 360),
 
         def pts(ys, off):
             den = max(1, n - 1)
-            return [(left + (right - left) * (i + off) / den,
-                     bottom - (bottom - top) * (y - lo) / (hi - lo)) for i, y in enumerate(ys)]
+            return [
+                (
+                    left + (right - left) * (i + off) / den,
+                    bottom - (bottom - top) * (y - lo) / (hi - lo),
+                )
+                for i, y in enumerate(ys)
+            ]
 
         if n > 1:
             d.line(pts(logs, 0), fill=(160, 200, 240), width=1)
@@ -43,8 +49,8 @@ def plot_losses(losses: Sequence[float], path, title: str = "", size=(640, 360),
         else:
             x, y = pts(logs, 0)[0]
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(20, 60, 160))
-        d.text((4, top), f"{10 ** hi:.3g}", fill="black")
-        d.text((4, bottom - 10), f"{10 ** lo:.3g}", fill="black")
+        d.text((4, top), f"{10**hi:.3g}", fill="black")
+        d.text((4, bottom - 10), f"{10**lo:.3g}", fill="black")
         d.text((left, bottom + 6), "1", fill="black")
         d.text((right - 40, bottom + 6), f"{n}", fill="black")
         d.text(((left + right) // 2 - 30, bottom + 6), xlabel, fill="black")

@@ -24,8 +24,13 @@ class LessonCA(nn.Module):
     """The lesson's ``SimpleCA`` as written there (F.pad circular + conv2d perception, 1x1 convs,
     ``(rand + rate).floor()`` mask): the baseline of benchmarks and the layout NCA imports."""
 
-    def __init__(self, channels: int = 4, hidden: int = 8, filters: torch.Tensor | None = None,
-                 zero_w2: bool = True):
+    def __init__(
+        self,
+        channels: int = 4,
+        hidden: int = 8,
+        filters: torch.Tensor | None = None,
+        zero_w2: bool = True,
+    ):
         super().__init__()
         bank = DEFAULT_FILTERS if filters is None else torch.as_tensor(filters)
         self.register_buffer("filters", bank.detach().clone().float(), persistent=False)
@@ -56,8 +61,10 @@ def lesson_perceive(x, filters):
 
 def lesson_style_loss(feats, targets):
     """The lesson: einsum('bchw,bdhw->cd') / (h*w) (summed over the batch) and F.mse_loss."""
-    return sum(F.mse_loss(torch.einsum("bchw,bdhw->cd", f, f) / (f.shape[-2] * f.shape[-1]), t)
-               for f, t in zip(feats, targets, strict=True))
+    return sum(
+        F.mse_loss(torch.einsum("bchw,bdhw->cd", f, f) / (f.shape[-2] * f.shape[-1]), t)
+        for f, t in zip(feats, targets, strict=True)
+    )
 
 
 class LessonStyleLoss:
@@ -80,12 +87,16 @@ class LessonStyleLoss:
         return feats
 
     def calc_grams(self, img):
-        return [torch.einsum("bchw, bdhw -> cd", x, x) / (x.shape[-2] * x.shape[-1])
-                for x in self.calc_features(img)]
+        return [
+            torch.einsum("bchw, bdhw -> cd", x, x) / (x.shape[-2] * x.shape[-1])
+            for x in self.calc_features(img)
+        ]
 
     def __call__(self, input_im):
-        return sum((f1 - f2).pow(2).mean()
-                   for f1, f2 in zip(self.calc_grams(input_im), self.target_grams, strict=True))
+        return sum(
+            (f1 - f2).pow(2).mean()
+            for f1, f2 in zip(self.calc_grams(input_im), self.target_grams, strict=True)
+        )
 
 
 def lesson_iteration(model, loss_fn, pool, opt, batch, steps):

@@ -14,27 +14,39 @@ from fastnca._checks import acc_dtype, check_int
 from fastnca.ops._checks import check_same_device, check_tensor
 from fastnca.ops.gram import StyleLoss, as_layers, check_feature, gram, layer_weights, style_loss
 
-__all__ = ["StyleLoss", "content_loss", "gram", "overflow_loss", "sliced_wasserstein_loss",
-           "style_loss"]
+__all__ = [
+    "StyleLoss",
+    "content_loss",
+    "gram",
+    "overflow_loss",
+    "sliced_wasserstein_loss",
+    "style_loss",
+]
 
 
 def _pairs(feats, target_feats, weights):
     feats = as_layers("feats", feats)
     target_feats = as_layers("target_feats", target_feats)
     if len(target_feats) != len(feats):
-        raise ValueError(f"target_feats has {len(target_feats)} layers but feats has {len(feats)}; "
-                         "pass one target feature map per layer")
+        raise ValueError(
+            f"target_feats has {len(target_feats)} layers but feats has {len(feats)}; "
+            "pass one target feature map per layer"
+        )
     ws = layer_weights(weights, len(feats))
     for l, (f, t) in enumerate(zip(feats, target_feats, strict=True)):
         check_feature(f"feats[{l}]", f)
         check_feature(f"target_feats[{l}]", t)
         check_same_device(f"target_feats[{l}]", t, f"feats[{l}]", f)
         if t.shape[1] != f.shape[1]:
-            raise ValueError(f"target_feats[{l}] has {t.shape[1]} channels but feats[{l}] has "
-                             f"{f.shape[1]}; both must come from the same layer")
+            raise ValueError(
+                f"target_feats[{l}] has {t.shape[1]} channels but feats[{l}] has "
+                f"{f.shape[1]}; both must come from the same layer"
+            )
         if t.shape[0] not in (1, f.shape[0]):
-            raise ValueError(f"target_feats[{l}] has batch {t.shape[0]} but feats[{l}] has batch "
-                             f"{f.shape[0]}; expected 1 (broadcast) or {f.shape[0]}")
+            raise ValueError(
+                f"target_feats[{l}] has batch {t.shape[0]} but feats[{l}] has batch "
+                f"{f.shape[0]}; expected 1 (broadcast) or {f.shape[0]}"
+            )
     return feats, target_feats, ws
 
 
@@ -56,8 +68,10 @@ def content_loss(feats, target_feats, weights=None) -> torch.Tensor:
     terms = []
     for l, (f, t) in enumerate(zip(feats, target_feats, strict=True)):
         if tuple(t.shape[1:]) != tuple(f.shape[1:]):
-            raise ValueError(f"target_feats[{l}] has shape {tuple(t.shape)} but feats[{l}] has "
-                             f"{tuple(f.shape)}; content loss compares the same positions")
+            raise ValueError(
+                f"target_feats[{l}] has shape {tuple(t.shape)} but feats[{l}] has "
+                f"{tuple(f.shape)}; content loss compares the same positions"
+            )
         terms.append(F.mse_loss(f, t.expand_as(f)))
     return _weighted_sum(terms, ws)
 
@@ -79,8 +93,13 @@ def _directions(C: int, n: int, dtype, device, generator) -> torch.Tensor:
     return d / d.norm(dim=0, keepdim=True)
 
 
-def sliced_wasserstein_loss(feats, target_feats, n_projections: int = 32, weights=None,
-                            generator: torch.Generator | None = None) -> torch.Tensor:
+def sliced_wasserstein_loss(
+    feats,
+    target_feats,
+    n_projections: int = 32,
+    weights=None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Sliced optimal-transport texture loss (Heitz et al., CVPR 2021), summed over layers.
 
     Per layer: the C-dim feature vectors of every pixel are projected on ``n_projections`` random
@@ -101,7 +120,7 @@ def sliced_wasserstein_loss(feats, target_feats, n_projections: int = 32, weight
     Returns:
         0-d loss in float32 (float64 for float64 features).
     """
-    check_int('n_projections', n_projections, 1)
+    check_int("n_projections", n_projections, 1)
     feats, target_feats, ws = _pairs(feats, target_feats, weights)
     terms = []
     for f, t in zip(feats, target_feats, strict=True):

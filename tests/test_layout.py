@@ -16,8 +16,14 @@ ROOT = Path(fastnca.__file__).resolve().parent
 KERNELS = ROOT.parent / "kernels"
 LAYERS = [
     ("fastnca.kernels",),
-    ("fastnca.reference", "fastnca._io", "fastnca._device", "fastnca._checks", "fastnca._plot",
-     "fastnca._memory"),
+    (
+        "fastnca.reference",
+        "fastnca._io",
+        "fastnca._device",
+        "fastnca._checks",
+        "fastnca._plot",
+        "fastnca._memory",
+    ),
     ("fastnca.ops", "fastnca.losses"),
     ("fastnca.train",),
     ("fastnca.style", "fastnca.lesson"),
@@ -78,7 +84,7 @@ def test_no_import_circles():
             if n == "fastnca" or m == "fastnca":
                 continue
             if state.get(n) == 1:
-                cycles.append(stack[stack.index(n):] + [n])
+                cycles.append(stack[stack.index(n) :] + [n])
             elif n not in state:
                 visit(n)
         stack.pop()
@@ -92,21 +98,35 @@ def test_no_import_circles():
 
 def test_layers_import_downward():
     _, graph = _graph()
-    bad = [f"{m} imports {n}" for m, deps in graph.items() for n in deps
-           if _layer(m) >= 0 and _layer(n) > _layer(m)]
+    bad = [
+        f"{m} imports {n}"
+        for m, deps in graph.items()
+        for n in deps
+        if _layer(m) >= 0 and _layer(n) > _layer(m)
+    ]
     assert not bad, "upward imports: " + "; ".join(sorted(bad))
 
 
 def test_only_the_bench_plugin_imports_pytest():
     mods = _modules()
-    users = sorted(m for m, p in mods.items() if any(
-        isinstance(n, (ast.Import, ast.ImportFrom)) and "pytest" in (
-            [a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or ""])
-        for n in ast.walk(ast.parse(p.read_text()))))
+    users = sorted(
+        m
+        for m, p in mods.items()
+        if any(
+            isinstance(n, (ast.Import, ast.ImportFrom))
+            and "pytest"
+            in ([a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or ""])
+            for n in ast.walk(ast.parse(p.read_text()))
+        )
+    )
     assert users == ["fastnca.bench.plugin"]
 
 
 def test_modules_stay_small():
-    big = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > (
-        MAX_KERNEL_LINES if m.startswith("fastnca.kernels.") else MAX_LINES)}
+    big = {
+        m: n
+        for m, p in _modules().items()
+        if (n := len(p.read_text().splitlines()))
+        > (MAX_KERNEL_LINES if m.startswith("fastnca.kernels.") else MAX_LINES)
+    }
     assert not big, f"modules over {MAX_LINES} lines: {big}"

@@ -55,8 +55,10 @@ def load_baseline(path: str | Path) -> dict:
     if not isinstance(speedups, dict) or not all(
         isinstance(v, (int, float)) and v > 0 for v in speedups.values()
     ):
-        raise BenchError(f"baseline {p}: expected {{'speedups': {{row key: speed-up > 0}}}}, "
-                         f"as written by fastnca bench --write-baseline")
+        raise BenchError(
+            f"baseline {p}: expected {{'speedups': {{row key: speed-up > 0}}}}, "
+            f"as written by fastnca bench --write-baseline"
+        )
     frac = data.get("fraction", DEFAULT_FRACTION)
     if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
         raise BenchError(f"baseline {p}: fraction must be in (0, 1], got {frac!r}")
@@ -85,8 +87,10 @@ def check_gate(rows: list[Row], baseline: dict, fraction: float | None = None) -
         if r is None or r.ratio is None:
             failed += 1
             why = "missing from this run" if r is None else "has no speed-up (baseline missing)"
-            lines.append(f"  FAIL  {key}: {why} (recorded {float(rec):.2f}x); a renamed or "
-                         f"deselected row must be re-recorded with --write-baseline")
+            lines.append(
+                f"  FAIL  {key}: {why} (recorded {float(rec):.2f}x); a renamed or "
+                f"deselected row must be re-recorded with --write-baseline"
+            )
             continue
         ok = r.ratio >= want
         failed += not ok
@@ -97,8 +101,11 @@ def check_gate(rows: list[Row], baseline: dict, fraction: float | None = None) -
     for r in rows:
         if r.key in recorded or r.ratio is None or not is_gated(r.variant, r.baseline):
             continue
-        why = ("recorded below the gated minimum" if r.key in baseline.get("not_gated", {})
-               else "not in the baseline")
+        why = (
+            "recorded below the gated minimum"
+            if r.key in baseline.get("not_gated", {})
+            else "not in the baseline"
+        )
         lines.append(f"  --    {r.key}: {r.ratio:.2f}x ({why}, not gated)")
     if checked == 0:
         lines.append("  FAIL  the baseline records no row: nothing gated")

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("FASTNCA_DEBUG") == "1":
             raise
-        print(f"{prog}: error: {first_line(e)} ({type(e).__name__}; FASTNCA_DEBUG=1 shows the "
-              f"traceback)", file=sys.stderr)
+        print(
+            f"{prog}: error: {first_line(e)} ({type(e).__name__}; FASTNCA_DEBUG=1 shows the "
+            f"traceback)",
+            file=sys.stderr,
+        )
         return 1

@@ -65,18 +65,31 @@ def nonneg_float(s: str) -> float:
     return v
 
 
-def add_common(p: argparse.ArgumentParser, out_help: str | None, out_required: bool = False,
-               device: bool = True) -> None:
+def add_common(
+    p: argparse.ArgumentParser,
+    out_help: str | None,
+    out_required: bool = False,
+    device: bool = True,
+) -> None:
     """``-o/--out`` (unless ``out_help`` is None), ``--device`` and ``--threads``."""
     if out_help is not None:
-        p.add_argument("-o", "--out", required=out_required, default=None, metavar="PATH",
-                       help=out_help)
+        p.add_argument(
+            "-o", "--out", required=out_required, default=None, metavar="PATH", help=out_help
+        )
     if device:
-        p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|mps",
-                       help="auto (default: cuda when present, then mps, else cpu), cpu, "
-                       "cuda, cuda:N or mps")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="torch CPU threads (default: the command's own choice)")
+        p.add_argument(
+            "--device",
+            default="auto",
+            metavar="auto|cpu|cuda|mps",
+            help="auto (default: cuda when present, then mps, else cpu), cpu, cuda, cuda:N or mps",
+        )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: the command's own choice)",
+    )
 
 
 def device_of(args):

@@ -51,8 +51,12 @@ def add_parser(sub):
         help="only benchmarks whose name matches this pytest -k expression",
     )
     add_common(p, None, device=False)
-    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
-                   help="benchmark device (default auto: cuda when present, else cpu)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda",
+        help="benchmark device (default auto: cuda when present, else cpu)",
+    )
     p.add_argument(
         "-o",
         "--out",
@@ -129,8 +133,9 @@ def _check_args(args) -> None:
             f"--suite: unknown suite {args.suite!r}; expected one of {', '.join(SUITE_NAMES)}"
         )
     if args.device not in DEVICES:
-        raise UsageError(f"--device: {args.device!r} cannot be benchmarked; expected auto, cpu "
-                         f"or cuda")
+        raise UsageError(
+            f"--device: {args.device!r} cannot be benchmarked; expected auto, cpu or cuda"
+        )
     if args.fail_above is not None and args.compare is None:
         raise UsageError("--fail-above needs --compare NAME (a run saved earlier with --save NAME)")
     if args.fail_above is not None and not args.fail_above > 0:

@@ -2,8 +2,9 @@
 
 Versions (Python, torch, Triton, CUDA), the requested backend (FASTNCA_BACKEND), every device with
 its compute capability and bf16 support, the path each op takes there (Triton kernels or torch
-composite) with the reason, and whether the static GPU report (python -m fastnca.bench.gpu_static) is
-clean for each CUDA card: read from its compile cache, or compiled with --static.
+composite) with the reason, and whether the static GPU report
+(python -m fastnca.bench.gpu_static) is clean for each CUDA card: read from its compile cache,
+or compiled with --static.
 
 Example:
     fastnca doctor

@@ -47,8 +47,10 @@ def frame_plan(steps: int | None, frames: int | None, spf: int | None) -> tuple[
         return frames or DEFAULT_FRAMES, spf or DEFAULT_STEPS_PER_FRAME
     if frames is not None and spf is not None:
         if frames * spf != steps:
-            raise UsageError(f"--steps {steps} != --frames {frames} x --steps-per-frame {spf}; "
-                             f"give two of the three")
+            raise UsageError(
+                f"--steps {steps} != --frames {frames} x --steps-per-frame {spf}; "
+                f"give two of the three"
+            )
         return frames, spf
     if frames is not None:
         if frames > steps:
@@ -64,27 +66,46 @@ def frame_plan(steps: int | None, frames: int | None, spf: int | None) -> tuple[
 
 def add_parser(sub):
     p = sub.add_parser(
-        "render", help="grow a trained NCA on any grid size: GIF/MP4 + final PNG",
+        "render",
+        help="grow a trained NCA on any grid size: GIF/MP4 + final PNG",
         description="Grow the NCA of a checkpoint (or a `fastnca train` run directory, or a "
         "lesson state dict) from a seed grid of any size and write an animation: GIF with "
         "Pillow, MP4 with imageio-ffmpeg. The last frame is also saved as OUT with suffix .png. "
         "Checked before the rollout: OUT's folder is writable, the model's weights are finite, "
         f"--steps <= {10**6}, a GIF side (size x scale) <= 65535 px, and the frames fit in half "
-        "of this machine's RAM.")
+        "of this machine's RAM.",
+    )
     p.add_argument("checkpoint", metavar="CKPT_OR_RUN_DIR")
     add_common(p, "the animation to write: OUT.gif or OUT.mp4", out_required=True)
     p.add_argument("--size", default="128", help="grid size in cells: N or HxW (default 128)")
-    p.add_argument("--steps", type=positive_int, default=None,
-                   help=f"total NCA steps (default {DEFAULT_FRAMES * DEFAULT_STEPS_PER_FRAME})")
-    p.add_argument("--frames", type=positive_int, default=None,
-                   help=f"frames in the animation (default {DEFAULT_FRAMES})")
-    p.add_argument("--steps-per-frame", type=positive_int, default=None,
-                   help=f"NCA steps between frames (default {DEFAULT_STEPS_PER_FRAME})")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"total NCA steps (default {DEFAULT_FRAMES * DEFAULT_STEPS_PER_FRAME})",
+    )
+    p.add_argument(
+        "--frames",
+        type=positive_int,
+        default=None,
+        help=f"frames in the animation (default {DEFAULT_FRAMES})",
+    )
+    p.add_argument(
+        "--steps-per-frame",
+        type=positive_int,
+        default=None,
+        help=f"NCA steps between frames (default {DEFAULT_STEPS_PER_FRAME})",
+    )
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed of the update masks")
-    p.add_argument("--fps", type=positive_float, default=20.0,
-                   help="frames per second (default 20)")
-    p.add_argument("--scale", type=positive_int, default=None,
-                   help="upscale each cell to SCALE x SCALE pixels (default: to >= 256 px)")
+    p.add_argument(
+        "--fps", type=positive_float, default=20.0, help="frames per second (default 20)"
+    )
+    p.add_argument(
+        "--scale",
+        type=positive_int,
+        default=None,
+        help="upscale each cell to SCALE x SCALE pixels (default: to >= 256 px)",
+    )
     return p
 
 
@@ -99,11 +120,12 @@ def run(args) -> int:
     size = _size(args.size)
     frames, spf = frame_plan(args.steps, args.frames, args.steps_per_frame)
     if frames * spf > MAX_STEPS:
-        raise UsageError(f"--steps: {frames * spf} steps is more than {MAX_STEPS} (every step runs "
-                         f"the model on the whole grid; such a render would take hours)")
+        raise UsageError(
+            f"--steps: {frames * spf} steps is more than {MAX_STEPS} (every step runs "
+            f"the model on the whole grid; such a render would take hours)"
+        )
     if args.seed > MAX_SEED:
-        raise UsageError(f"--seed: expected at most {MAX_SEED} (a 64-bit integer), got "
-                         f"{args.seed}")
+        raise UsageError(f"--seed: expected at most {MAX_SEED} (a 64-bit integer), got {args.seed}")
     if Path(args.out).suffix.lower() not in ANIMATION_SUFFIXES:
         raise UsageError(f"-o: expected a .gif or .mp4 file name, got {args.out!r}")
     out = writable_file(args.out, "-o")  # before the rollout, not after it
@@ -111,11 +133,23 @@ def run(args) -> int:
     scale = args.scale if args.scale is not None else max(1, -(-256 // max(size)))
     device = device_of(args)
     try:
-        res = render(args.checkpoint, args.out, size=size, frames=frames, steps_per_frame=spf,
-                     seed=args.seed, fps=args.fps, scale=scale, device=device)
+        res = render(
+            args.checkpoint,
+            args.out,
+            size=size,
+            frames=frames,
+            steps_per_frame=spf,
+            seed=args.seed,
+            fps=args.fps,
+            scale=scale,
+            device=device,
+        )
     except (ValueError, TypeError, MissingDependencyError) as e:
         raise UsageError(first_line(e)) from None
     h, w = res["size"]
-    print(f"fastnca render: {res['frames']} frames ({res['steps']} steps), {w}x{h} px -> "
-          f"{res['animation']} and {res['png']}", file=sys.stderr)
+    print(
+        f"fastnca render: {res['frames']} frames ({res['steps']} steps), {w}x{h} px -> "
+        f"{res['animation']} and {res['png']}",
+        file=sys.stderr,
+    )
     return 0

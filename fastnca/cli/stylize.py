@@ -23,8 +23,9 @@ from fastnca.cli._common import (
 )
 from fastnca.cli._paths import writable_file
 
-DEMO = dict(content="builtin:landscape", style="builtin:dots", size=128, steps=80,
-            out="stylize_demo.png")
+DEMO = dict(
+    content="builtin:landscape", style="builtin:dots", size=128, steps=80, out="stylize_demo.png"
+)
 
 
 def add_parser(sub):
@@ -42,37 +43,83 @@ def add_parser(sub):
     )
     p.add_argument("content", nargs="?", help="content image (path or builtin:NAME)")
     p.add_argument("style", nargs="?", help="style image (path or builtin:NAME)")
-    add_common(p, "output PNG (directories are created; an existing file is replaced "
-               "atomically). Default: stylized.png, or stylize_demo.png with --demo")
-    p.add_argument("--demo", action="store_true",
-                   help=f"run on built-in images ({DEMO['content']} + {DEMO['style']}, "
-                   f"{DEMO['size']} px, {DEMO['steps']} steps); also writes <output>_grid.png "
-                   "(content | style | result)")
-    p.add_argument("--steps", type=positive_int, default=None,
-                   help=f"optimisation steps (default 150; {DEMO['steps']} with --demo)")
-    p.add_argument("--size", type=positive_int, default=None,
-                   help=f"longest side in pixels; larger images are resized (default 256; "
-                   f"{DEMO['size']} with --demo)")
-    p.add_argument("--lr", type=positive_float, default=0.05,
-                   help="Adam learning rate (default 0.05)")
-    p.add_argument("--style-weight", type=nonneg_float, default=10.0,
-                   help="weight of the style loss against the content loss (default 10)")
-    p.add_argument("--content-weight", type=nonneg_float, default=1.0,
-                   help="weight of the content loss (default 1)")
-    p.add_argument("--init", choices=("content", "random"), default="content",
-                   help="start from the content image or from noise (default content)")
-    p.add_argument("--weights", default="auto", metavar="auto|imagenet|random|PATH",
-                   help="VGG16 weights: auto (torchvision cache, download, else fallback), "
-                   "imagenet (require them), random (the offline fallback) or a state-dict file")
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision: autocast the feature extractor and losses to "
-                   "--amp-dtype (on CPUs without bf16 instructions this is slower)")
-    p.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16",
-                   help="autocast dtype for --amp (default bf16; fp16 uses a gradient scaler)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the loss (features + Grams); pays a compile time first")
-    p.add_argument("--log-every", type=positive_int, default=None, metavar="N",
-                   help="save a grid of the image every N steps to <output>_progress.png")
+    add_common(
+        p,
+        "output PNG (directories are created; an existing file is replaced "
+        "atomically). Default: stylized.png, or stylize_demo.png with --demo",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"run on built-in images ({DEMO['content']} + {DEMO['style']}, "
+        f"{DEMO['size']} px, {DEMO['steps']} steps); also writes <output>_grid.png "
+        "(content | style | result)",
+    )
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"optimisation steps (default 150; {DEMO['steps']} with --demo)",
+    )
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        default=None,
+        help=f"longest side in pixels; larger images are resized (default 256; "
+        f"{DEMO['size']} with --demo)",
+    )
+    p.add_argument(
+        "--lr", type=positive_float, default=0.05, help="Adam learning rate (default 0.05)"
+    )
+    p.add_argument(
+        "--style-weight",
+        type=nonneg_float,
+        default=10.0,
+        help="weight of the style loss against the content loss (default 10)",
+    )
+    p.add_argument(
+        "--content-weight",
+        type=nonneg_float,
+        default=1.0,
+        help="weight of the content loss (default 1)",
+    )
+    p.add_argument(
+        "--init",
+        choices=("content", "random"),
+        default="content",
+        help="start from the content image or from noise (default content)",
+    )
+    p.add_argument(
+        "--weights",
+        default="auto",
+        metavar="auto|imagenet|random|PATH",
+        help="VGG16 weights: auto (torchvision cache, download, else fallback), "
+        "imagenet (require them), random (the offline fallback) or a state-dict file",
+    )
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision: autocast the feature extractor and losses to "
+        "--amp-dtype (on CPUs without bf16 instructions this is slower)",
+    )
+    p.add_argument(
+        "--amp-dtype",
+        choices=("bf16", "fp16"),
+        default="bf16",
+        help="autocast dtype for --amp (default bf16; fp16 uses a gradient scaler)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the loss (features + Grams); pays a compile time first",
+    )
+    p.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="save a grid of the image every N steps to <output>_progress.png",
+    )
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed for --init random (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
     return p
@@ -110,9 +157,11 @@ def _check_size(size: int) -> None:
     from fastnca._memory import check_memory
 
     try:
-        check_memory(f"--size {size}: stylizing a {size}x{size} image",
-                     {"features": 4 * STYLIZE_FLOATS_PER_PIXEL * size * size},
-                     "lower --size")
+        check_memory(
+            f"--size {size}: stylizing a {size}x{size} image",
+            {"features": 4 * STYLIZE_FLOATS_PER_PIXEL * size * size},
+            "lower --size",
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -132,8 +181,7 @@ def run(args) -> int:
         raise UsageError(f"--size: expected at least 16 pixels, got {size}")
     _check_size(size)
     if args.seed > MAX_SEED:
-        raise UsageError(f"--seed: expected at most {MAX_SEED} (a 64-bit integer), got "
-                         f"{args.seed}")
+        raise UsageError(f"--seed: expected at most {MAX_SEED} (a 64-bit integer), got {args.seed}")
     dev = device_of(args)
     set_threads(args.threads)
     if args.amp:
@@ -155,17 +203,32 @@ def run(args) -> int:
     from fastnca.style.stylize import CONTENT_LAYERS, STYLE_LAYERS, feature_layers, stylize
 
     try:
-        feats = VGG16Features(feature_layers(CONTENT_LAYERS, STYLE_LAYERS), weights=args.weights,
-                              verbose=verbose)
+        feats = VGG16Features(
+            feature_layers(CONTENT_LAYERS, STYLE_LAYERS), weights=args.weights, verbose=verbose
+        )
     except (ValueError, TypeError) as e:
         raise UsageError(f"--weights: {e}") from None
     log_path = out.with_name(f"{out.stem}_progress.png") if args.log_every else None
     t0 = time.perf_counter()
-    img = stylize(content, style, steps=steps, lr=args.lr, style_weight=args.style_weight,
-                  content_weight=args.content_weight, init=args.init, size=None, features=feats,
-                  device=dev, amp=args.amp_dtype if args.amp else False, compile=args.compile,
-                  progress=verbose, log_every=args.log_every, log_path=log_path, seed=args.seed,
-                  verbose=verbose)
+    img = stylize(
+        content,
+        style,
+        steps=steps,
+        lr=args.lr,
+        style_weight=args.style_weight,
+        content_weight=args.content_weight,
+        init=args.init,
+        size=None,
+        features=feats,
+        device=dev,
+        amp=args.amp_dtype if args.amp else False,
+        compile=args.compile,
+        progress=verbose,
+        log_every=args.log_every,
+        log_path=log_path,
+        seed=args.seed,
+        verbose=verbose,
+    )
     secs = time.perf_counter() - t0
     try:
         save_image(img, out)
@@ -180,6 +243,8 @@ def run(args) -> int:
     if log_path is not None:
         written.append(log_path)
     if verbose:
-        print(f"fastnca stylize: {steps} steps at {img.shape[-1]}x{img.shape[-2]} in {secs:.1f} s "
-              f"({feats.source}); wrote {', '.join(map(str, written))}")
+        print(
+            f"fastnca stylize: {steps} steps at {img.shape[-1]}x{img.shape[-2]} in {secs:.1f} s "
+            f"({feats.source}); wrote {', '.join(map(str, written))}"
+        )
     return 0

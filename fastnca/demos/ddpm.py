@@ -28,9 +28,19 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fastnca._checks import check_int
 
-__all__ = ["DDPMSchedule", "FashionMNIST", "SyntheticShapes", "UNet", "ddpm_collate",
-           "ddpm_dataloader", "ddpm_sample", "ddpm_schedule", "linear_betas", "noisify",
-           "timestep_embedding"]
+__all__ = [
+    "DDPMSchedule",
+    "FashionMNIST",
+    "SyntheticShapes",
+    "UNet",
+    "ddpm_collate",
+    "ddpm_dataloader",
+    "ddpm_sample",
+    "ddpm_schedule",
+    "linear_betas",
+    "noisify",
+    "timestep_embedding",
+]
 
 
 # ----- schedule and the noisifying collate -----
@@ -44,13 +54,15 @@ class DDPMSchedule(NamedTuple):
     sigma: torch.Tensor
 
 
-def linear_betas(beta_min: float = 1e-4, beta_max: float = 0.02,
-                 n_steps: int = 1000) -> torch.Tensor:
+def linear_betas(
+    beta_min: float = 1e-4, beta_max: float = 0.02, n_steps: int = 1000
+) -> torch.Tensor:
     """``beta_t`` linearly spaced from ``beta_min`` to ``beta_max``: (n_steps,) float32."""
-    check_int('n_steps', n_steps, 1)
+    check_int("n_steps", n_steps, 1)
     if not 0 < beta_min <= beta_max < 1:
-        raise ValueError(f"need 0 < beta_min <= beta_max < 1, got beta_min={beta_min}, "
-                         f"beta_max={beta_max}")
+        raise ValueError(
+            f"need 0 < beta_min <= beta_max < 1, got beta_min={beta_min}, beta_max={beta_max}"
+        )
     return torch.linspace(beta_min, beta_max, n_steps, dtype=torch.float64).float()
 
 
@@ -58,26 +70,34 @@ def ddpm_schedule(betas: torch.Tensor | None = None) -> DDPMSchedule:
     """alpha, alphabar (cumulative product computed in float64) and sigma from ``betas``."""
     betas = linear_betas() if betas is None else torch.as_tensor(betas)
     if betas.dim() != 1 or not betas.is_floating_point():
-        raise ValueError(f"betas must be a 1-D float tensor, got {betas.dtype} shape "
-                         f"{tuple(betas.shape)}")
+        raise ValueError(
+            f"betas must be a 1-D float tensor, got {betas.dtype} shape {tuple(betas.shape)}"
+        )
     b = betas.double()
-    return DDPMSchedule(b.float(), (1 - b).float(), torch.cumprod(1 - b, 0).float(),
-                        b.sqrt().float())
+    return DDPMSchedule(
+        b.float(), (1 - b).float(), torch.cumprod(1 - b, 0).float(), b.sqrt().float()
+    )
 
 
-def noisify(x0: torch.Tensor, alphabar: torch.Tensor, t: torch.Tensor | None = None,
-            generator: torch.Generator | None = None):
+def noisify(
+    x0: torch.Tensor,
+    alphabar: torch.Tensor,
+    t: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+):
     """``((x_t, t), eps)``: x0 (B, ...) noised to a random step ``t`` (B,) int64 of
     ``len(alphabar)``; ``x_t = sqrt(alphabar_t) x0 + sqrt(1 - alphabar_t) eps``; eps ~ N(0, I).
 
     Everything is made on x0's device; ``x_t`` and ``eps`` have x0's dtype."""
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.dim() < 1:
-        raise TypeError(f"x0 must be a floating tensor (B, ...), got "
-                        f"{getattr(x0, 'dtype', type(x0).__name__)}")
+        raise TypeError(
+            f"x0 must be a floating tensor (B, ...), got {getattr(x0, 'dtype', type(x0).__name__)}"
+        )
     alphabar = torch.as_tensor(alphabar)
     if alphabar.dim() != 1 or len(alphabar) < 1:
-        raise ValueError(f"alphabar must be a 1-D tensor of T >= 1 steps, got shape "
-                         f"{tuple(alphabar.shape)}")
+        raise ValueError(
+            f"alphabar must be a 1-D tensor of T >= 1 steps, got shape {tuple(alphabar.shape)}"
+        )
     n, dev = x0.shape[0], x0.device
     if t is None:
         t = torch.randint(0, len(alphabar), (n,), generator=generator, dtype=torch.long)
@@ -111,16 +131,27 @@ def ddpm_collate(batch, alphabar: torch.Tensor):
     return noisify(_images_of(default_collate(batch)), alphabar)
 
 
-def ddpm_dataloader(ds, batch_size: int, alphabar: torch.Tensor | None = None, shuffle: bool = True,
-                    num_workers: int = 0, **kwargs) -> DataLoader:
+def ddpm_dataloader(
+    ds,
+    batch_size: int,
+    alphabar: torch.Tensor | None = None,
+    shuffle: bool = True,
+    num_workers: int = 0,
+    **kwargs,
+) -> DataLoader:
     """A DataLoader over ``ds`` whose batches are ``((x_t, t), eps)`` (see ``ddpm_collate``);
     ``alphabar`` defaults to the linear schedule 1e-4..0.02 over 1000 steps."""
-    check_int('batch_size', batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     if alphabar is None:
         alphabar = ddpm_schedule(linear_betas()).alphabar
-    return DataLoader(ds, batch_size, shuffle=shuffle, num_workers=num_workers,
-                      collate_fn=partial(ddpm_collate, alphabar=alphabar), **kwargs)
-
+    return DataLoader(
+        ds,
+        batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=partial(ddpm_collate, alphabar=alphabar),
+        **kwargs,
+    )
 
 
 # ----- model -----
@@ -163,8 +194,12 @@ class UNet(nn.Module):
     The default (nfs=(32, 64, 128), 1 channel) has 1.6 M parameters.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int | None = None,
-                 nfs: tuple[int, ...] = (32, 64, 128)):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        nfs: tuple[int, ...] = (32, 64, 128),
+    ):
         super().__init__()
         if not nfs or any(int(c) < 1 for c in nfs):
             raise ValueError(f"nfs must be a non-empty tuple of channel counts >= 1, got {nfs!r}")
@@ -195,8 +230,9 @@ class UNet(nn.Module):
             x, t = x
         n = 2 ** (len(self.nfs) - 1)
         if x.dim() != 4 or x.shape[-1] % n or x.shape[-2] % n:
-            raise ValueError(f"x_t must be (B, C, H, W) with H, W divisible by {n}, got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"x_t must be (B, C, H, W) with H, W divisible by {n}, got {tuple(x.shape)}"
+            )
         temb = self.t_mlp(timestep_embedding(t, self.nfs[0]).to(x.dtype))
         h = self.conv_in(x)
         skips = []
@@ -255,8 +291,10 @@ class SyntheticShapes(Dataset):
         return img * 2 - 1, kind
 
 
-_FMNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                 False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_FMNIST_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -266,11 +304,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     nd = raw[3]
-    dims = tuple(int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(nd))
+    dims = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(nd))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * nd)
     if data.size != math.prod(dims):
-        raise ValueError(f"{path}: header says {dims} ({math.prod(dims)} bytes), file has "
-                         f"{data.size}")
+        raise ValueError(
+            f"{path}: header says {dims} ({math.prod(dims)} bytes), file has {data.size}"
+        )
     return data.reshape(dims)
 
 
@@ -284,19 +323,25 @@ class FashionMNIST(Dataset):
         root = Path(root)
         found = []
         for name in _FMNIST_FILES[train]:
-            cands = [d / (name + ext) for d in (root, root / "FashionMNIST" / "raw")
-                     for ext in ("", ".gz")]
+            cands = [
+                d / (name + ext)
+                for d in (root, root / "FashionMNIST" / "raw")
+                for ext in ("", ".gz")
+            ]
             hit = next((c for c in cands if c.is_file()), None)
             if hit is None:
                 raise FileNotFoundError(
                     f"Fashion-MNIST file {name}[.gz] not found in {root} (or {root}/FashionMNIST/"
                     "raw). Download the four IDX files from github.com/zalandoresearch/"
-                    "fashion-mnist yourself, or train on fastnca.demos.ddpm.SyntheticShapes()")
+                    "fashion-mnist yourself, or train on fastnca.demos.ddpm.SyntheticShapes()"
+                )
             found.append(hit)
         images, labels = read_idx(found[0]), read_idx(found[1])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"{found[0]} / {found[1]}: expected (N, H, W) images and N labels, "
-                             f"got {images.shape} and {labels.shape}")
+            raise ValueError(
+                f"{found[0]} / {found[1]}: expected (N, H, W) images and N labels, "
+                f"got {images.shape} and {labels.shape}"
+            )
         h, w = images.shape[1:]
         if pad_to < max(h, w):
             raise ValueError(f"pad_to must be >= the image size {max(h, w)}, got {pad_to}")
@@ -314,9 +359,14 @@ class FashionMNIST(Dataset):
 
 # ----- sampling -----
 @torch.no_grad()
-def ddpm_sample(model: nn.Module, shape, sched: DDPMSchedule | torch.Tensor | None = None,
-                generator: torch.Generator | None = None, clip: float | None = None,
-                return_all: bool = False):
+def ddpm_sample(
+    model: nn.Module,
+    shape,
+    sched: DDPMSchedule | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    clip: float | None = None,
+    return_all: bool = False,
+):
     """Ancestral DDPM sampling (Ho et al. 2020, Alg. 2, sigma_t^2 = beta_t, as in the lesson).
 
     From x_T ~ N(0, I), for t = T-1 .. 0 with eps = model((x_t, t)):
@@ -344,8 +394,9 @@ def ddpm_sample(model: nn.Module, shape, sched: DDPMSchedule | torch.Tensor | No
         x0 = (x - math.sqrt(1 - ab[t]) * eps) / math.sqrt(ab[t])
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
-        x = (x0 * (math.sqrt(ab_prev) * beta[t] / (1 - ab[t]))
-             + x * (math.sqrt(alpha[t]) * (1 - ab_prev) / (1 - ab[t])))
+        x = x0 * (math.sqrt(ab_prev) * beta[t] / (1 - ab[t])) + x * (
+            math.sqrt(alpha[t]) * (1 - ab_prev) / (1 - ab[t])
+        )
         if t > 0:
             x = x + sigma[t] * torch.randn(shape, generator=generator).to(dev, dt)
         if return_all:

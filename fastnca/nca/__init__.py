@@ -12,5 +12,13 @@ from fastnca.nca.model import NCA
 from fastnca.nca.render import grow, render
 from fastnca.nca.run import train_texture
 
-__all__ = ["NCA", "grow", "import_distill", "load_checkpoint", "load_nca", "render", "save_checkpoint",
-           "train_texture"]
+__all__ = [
+    "NCA",
+    "grow",
+    "import_distill",
+    "load_checkpoint",
+    "load_nca",
+    "render",
+    "save_checkpoint",
+    "train_texture",
+]

@@ -68,8 +68,9 @@ class Checkpoint:
         except (RuntimeError, ValueError, TypeError, KeyError) as e:
             where = f"{str(self.path)!r}: " if self.path else ""
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{where}its weights do not fit its config ({first[:160]})") \
-                from None
+            raise CheckpointError(
+                f"{where}its weights do not fit its config ({first[:160]})"
+            ) from None
         return model.to(device) if device is not None else model
 
 
@@ -134,9 +135,11 @@ def resolve(path) -> Path:
     if p.is_dir():
         f = p / CHECKPOINT_NAME
         if not f.is_file():
-            raise CheckpointError(f"{str(p)!r} is not a run directory (no {CHECKPOINT_NAME} in "
-                                  f"it); pass a checkpoint file or the -o directory of "
-                                  f"`fastnca train`")
+            raise CheckpointError(
+                f"{str(p)!r} is not a run directory (no {CHECKPOINT_NAME} in "
+                f"it); pass a checkpoint file or the -o directory of "
+                f"`fastnca train`"
+            )
         return f
     if not p.exists():
         raise CheckpointError(f"{str(p)!r}: no such checkpoint file or run directory")
@@ -152,18 +155,26 @@ def _train_state(train, version: int, p: Path) -> dict:
         if version >= 2:
             int(train["step"]), train["rng"]["torch"], dict(train["extra"])
             return train
-        return {"step": int(train["iteration"]), "opt_class": None, "opt": train["optimizer"],
-                "sched": train.get("scheduler"), "scaler": None, "missing_ok": ("sched",),
-                "rng": {"torch": train["rng"], "cuda": train.get("cuda_rng"), "python": None},
-                "extra": {"iteration": int(train["iteration"]), "losses": list(train["losses"]),
-                          "n_reseeds": int(train.get("n_reseeds", 0))}}
+        return {
+            "step": int(train["iteration"]),
+            "opt_class": None,
+            "opt": train["optimizer"],
+            "sched": train.get("scheduler"),
+            "scaler": None,
+            "missing_ok": ("sched",),
+            "rng": {"torch": train["rng"], "cuda": train.get("cuda_rng"), "python": None},
+            "extra": {
+                "iteration": int(train["iteration"]),
+                "losses": list(train["losses"]),
+                "n_reseeds": int(train.get("n_reseeds", 0)),
+            },
+        }
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{str(p)!r} is damaged: its training state lacks {e}") from None
 
 
 def is_lesson_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and all(
-        isinstance(obj.get(k), torch.Tensor) for k in LESSON_KEYS)
+    return isinstance(obj, dict) and all(isinstance(obj.get(k), torch.Tensor) for k in LESSON_KEYS)
 
 
 def from_lesson_state_dict(sd: dict, path=None) -> Checkpoint:
@@ -173,9 +184,11 @@ def from_lesson_state_dict(sd: dict, path=None) -> Checkpoint:
     where = f"{str(path)!r}: " if path is not None else ""
     w1, b1, w2 = (sd[k] for k in LESSON_KEYS)
     if w1.dim() != 4 or w2.dim() != 4 or b1.dim() != 1 or w2.shape[1] != w1.shape[0]:
-        raise CheckpointError(f"{where}lesson state dict has inconsistent shapes: w1.weight "
-                              f"{tuple(w1.shape)}, w1.bias {tuple(b1.shape)}, w2.weight "
-                              f"{tuple(w2.shape)}; expected (H, C*F, 1, 1), (H,), (C, H, 1, 1)")
+        raise CheckpointError(
+            f"{where}lesson state dict has inconsistent shapes: w1.weight "
+            f"{tuple(w1.shape)}, w1.bias {tuple(b1.shape)}, w2.weight "
+            f"{tuple(w2.shape)}; expected (H, C*F, 1, 1), (H,), (C, H, 1, 1)"
+        )
     try:
         model = NCA.from_lesson_state_dict(sd)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
@@ -195,8 +208,10 @@ def load_checkpoint(path) -> Checkpoint:
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         version = obj.get("version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointError(f"{str(p)!r} has checkpoint format version {version!r}; this "
-                                  f"fastnca reads up to {FORMAT_VERSION}: upgrade fastnca")
+            raise CheckpointError(
+                f"{str(p)!r} has checkpoint format version {version!r}; this "
+                f"fastnca reads up to {FORMAT_VERSION}: upgrade fastnca"
+            )
         cfg, sd = obj.get("config"), obj.get("model")
         if not isinstance(cfg, dict) or not isinstance(sd, dict):
             raise CheckpointError(f"{str(p)!r} is damaged: no config or no weights in it")
@@ -209,11 +224,16 @@ def load_checkpoint(path) -> Checkpoint:
         return Checkpoint(cfg, sd, train, p, "fastnca")
     if is_lesson_state_dict(obj):
         return from_lesson_state_dict(obj, p)
-    what = f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) \
+    what = (
+        f"a dict with keys {sorted(map(str, obj))[:6]}"
+        if isinstance(obj, dict)
         else f"a {type(obj).__name__}"
-    raise CheckpointError(f"{str(p)!r} is not a fastnca NCA checkpoint (it holds {what}); expected "
-                          f"a file written by `fastnca train` or a lesson state dict with "
-                          f"{', '.join(LESSON_KEYS)}")
+    )
+    raise CheckpointError(
+        f"{str(p)!r} is not a fastnca NCA checkpoint (it holds {what}); expected "
+        f"a file written by `fastnca train` or a lesson state dict with "
+        f"{', '.join(LESSON_KEYS)}"
+    )
 
 
 def load_nca(path, device=None):

@@ -34,6 +34,7 @@ def architecture(name: str) -> dict:
     arch["filters"] = FILTER_BANKS[arch["filters"]]
     return arch
 
+
 AMP_MODES = ("none", "bf16")
 
 # Presets. "lesson": the fast.ai lesson's NCA notebook; "texture": Self-Organising Textures
@@ -44,14 +45,42 @@ AMP_MODES = ("none", "bf16")
 # weights work for pretrained VGG and the offline fallback): ~200 s of CPU, 4.5 min wall there.
 PRESETS: dict[str, dict] = {
     "quick": {},  # the TrainConfig defaults below
-    "lesson": dict(**ARCHITECTURES["lesson"], size=256, pool=256, batch=4, min_steps=32,
-                   max_steps=96, style_weight=0.1, lr=1e-3, lr_milestones=(), lr_gamma=1.0,
-                   iters=1200, seed_every=0, seed_prob=1 / 8, relative_style=False,
-                   texture=None, threads=0),
-    "texture": dict(**ARCHITECTURES["texture"], size=128, pool=256, batch=4, min_steps=32,
-                    max_steps=96, style_weight=1.0, lr=1e-3, lr_milestones=(2000,),
-                    lr_gamma=0.3, iters=4000, seed_every=8, seed_prob=0.0,
-                    relative_style=False, texture=None, threads=0),
+    "lesson": dict(
+        **ARCHITECTURES["lesson"],
+        size=256,
+        pool=256,
+        batch=4,
+        min_steps=32,
+        max_steps=96,
+        style_weight=0.1,
+        lr=1e-3,
+        lr_milestones=(),
+        lr_gamma=1.0,
+        iters=1200,
+        seed_every=0,
+        seed_prob=1 / 8,
+        relative_style=False,
+        texture=None,
+        threads=0,
+    ),
+    "texture": dict(
+        **ARCHITECTURES["texture"],
+        size=128,
+        pool=256,
+        batch=4,
+        min_steps=32,
+        max_steps=96,
+        style_weight=1.0,
+        lr=1e-3,
+        lr_milestones=(2000,),
+        lr_gamma=0.3,
+        iters=4000,
+        seed_every=8,
+        seed_prob=0.0,
+        relative_style=False,
+        texture=None,
+        threads=0,
+    ),
 }
 
 
@@ -79,10 +108,12 @@ def memory_parts(cfg: TrainConfig) -> dict[str, float]:
     kept for backward, about VGG_FLOATS_PER_PIXEL floats per pixel of the batch.
     """
     px = float(cfg.size) ** 2
-    return {"pool": 4 * cfg.pool * cfg.channels * px,
-            "rollout": cfg.max_steps * cfg.batch * (4 * cfg.channels + 1) * px,
-            "step": 4 * cfg.batch * (4 * cfg.channels + cfg.hidden) * px,
-            "features": 4 * cfg.batch * VGG_FLOATS_PER_PIXEL * px}
+    return {
+        "pool": 4 * cfg.pool * cfg.channels * px,
+        "rollout": cfg.max_steps * cfg.batch * (4 * cfg.channels + 1) * px,
+        "step": 4 * cfg.batch * (4 * cfg.channels + cfg.hidden) * px,
+        "features": 4 * cfg.batch * VGG_FLOATS_PER_PIXEL * px,
+    }
 
 
 @dataclass
@@ -131,24 +162,33 @@ class TrainConfig:
             v = getattr(self, k)
             check_int(k, v, 0)
         if self.min_steps > self.max_steps:
-            raise ValueError(f"min_steps ({self.min_steps}) > max_steps ({self.max_steps}); "
-                             f"expected min_steps <= max_steps")
+            raise ValueError(
+                f"min_steps ({self.min_steps}) > max_steps ({self.max_steps}); "
+                f"expected min_steps <= max_steps"
+            )
         if self.pool < self.batch:
-            raise ValueError(f"pool ({self.pool}) is smaller than batch ({self.batch}); the "
-                             f"batch is sampled from the pool without replacement")
+            raise ValueError(
+                f"pool ({self.pool}) is smaller than batch ({self.batch}); the "
+                f"batch is sampled from the pool without replacement"
+            )
         if self.loss not in LOSSES:
             raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.filters not in FILTER_BANKS:
-            raise ValueError(f"filters: expected one of {', '.join(FILTER_BANKS)}, got "
-                             f"{self.filters!r}")
+            raise ValueError(
+                f"filters: expected one of {', '.join(FILTER_BANKS)}, got {self.filters!r}"
+            )
         for k, lo in (("lr", 0.0), ("style_weight", None), ("lr_gamma", 0.0)):
             v = getattr(self, k)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or (
-                    v <= lo if lo is not None else v < 0):
-                raise ValueError(f"{k}: expected a {'positive' if lo is not None else '>= 0'} "
-                                 f"number, got {v!r}")
+            if (
+                not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or (v <= lo if lo is not None else v < 0)
+            ):
+                raise ValueError(
+                    f"{k}: expected a {'positive' if lo is not None else '>= 0'} number, got {v!r}"
+                )
         if not 0 < self.fire_rate <= 1:
             raise ValueError(f"fire_rate: expected a number in (0, 1], got {self.fire_rate!r}")
         if not 0 <= self.seed_prob <= 1:
@@ -164,13 +204,20 @@ class TrainConfig:
         job must fit in memory (``memory_parts``)."""
         check_int("channels", self.channels, 3, why=" (RGB is read from channels 0..2)")
         need = min_grid_size(self.layers)
-        check_int("size", self.size, need,
-                  why=f" (the style features at VGG16 index {max(self.layers)} come after "
-                  f"{need.bit_length() - 1} 2x2 poolings: {need} cells -> 1)")
-        check_memory(f"training {self.size}x{self.size} grids (pool {self.pool}, batch "
-                     f"{self.batch}, {self.channels} channels, {self.hidden} hidden, up to "
-                     f"{self.max_steps} steps)", memory_parts(self),
-                     "lower size, pool, batch, max_steps, channels or hidden")
+        check_int(
+            "size",
+            self.size,
+            need,
+            why=f" (the style features at VGG16 index {max(self.layers)} come after "
+            f"{need.bit_length() - 1} 2x2 poolings: {need} cells -> 1)",
+        )
+        check_memory(
+            f"training {self.size}x{self.size} grids (pool {self.pool}, batch "
+            f"{self.batch}, {self.channels} channels, {self.hidden} hidden, up to "
+            f"{self.max_steps} steps)",
+            memory_parts(self),
+            "lower size, pool, batch, max_steps, channels or hidden",
+        )
         return self
 
     def to_dict(self) -> dict:

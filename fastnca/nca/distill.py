@@ -206,9 +206,11 @@ def load_distill(path, name: str | None = None) -> NCA:
     if name is None and len(models) == 1:
         return next(iter(models.values()))
     if name not in models:
-        raise ValueError(f"name: {str(path)!r} holds {len(models)} models; pass one of "
-                         f"{', '.join(list(models)[:8])}{', ...' if len(models) > 8 else ''}, "
-                         f"got {name!r}")
+        raise ValueError(
+            f"name: {str(path)!r} holds {len(models)} models; pass one of "
+            f"{', '.join(list(models)[:8])}{', ...' if len(models) > 8 else ''}, "
+            f"got {name!r}"
+        )
     return models[name]
 
 

@@ -53,12 +53,23 @@ class NCA(nn.Module):
     one living cell.
     """
 
-    def __init__(self, channels: int = 4, hidden: int = 8, fire_rate: float = 0.5,
-                 filters: torch.Tensor | None = None, bias1: bool = True, bias2: bool = False,
-                 zero_init: bool = True, *, padding: str = "circular",
-                 alive_threshold: float | None = None, alive_channel: int = 3,
-                 clip: dict | None = None, perception_angle: float = 0.0,
-                 display: str | None = None):
+    def __init__(
+        self,
+        channels: int = 4,
+        hidden: int = 8,
+        fire_rate: float = 0.5,
+        filters: torch.Tensor | None = None,
+        bias1: bool = True,
+        bias2: bool = False,
+        zero_init: bool = True,
+        *,
+        padding: str = "circular",
+        alive_threshold: float | None = None,
+        alive_channel: int = 3,
+        clip: dict | None = None,
+        perception_angle: float = 0.0,
+        display: str | None = None,
+    ):
         super().__init__()
         for name, v in (("channels", channels), ("hidden", hidden)):
             if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
@@ -68,13 +79,27 @@ class NCA(nn.Module):
             raise ValueError(f"filters must have shape (F, 3, 3), got {tuple(bank.shape)}")
         self.channels, self.hidden = int(channels), int(hidden)
         self.fire_rate = fire_rate
-        _, thr, ch, _, angle = check_options(padding, alive_threshold, alive_channel, clip,
-                                             perception_angle, self.channels, bank.shape[0])
+        _, thr, ch, _, angle = check_options(
+            padding,
+            alive_threshold,
+            alive_channel,
+            clip,
+            perception_angle,
+            self.channels,
+            bank.shape[0],
+        )
         self.padding, self.alive_threshold, self.alive_channel = padding, thr, ch
         self.perception_angle = angle
-        self.clip = None if not clip else {
-            k: tuple(None if v is None else float(v) for v in clip[k]) for k in CLIP_KEYS
-            if clip.get(k) is not None} or None
+        self.clip = (
+            None
+            if not clip
+            else {
+                k: tuple(None if v is None else float(v) for v in clip[k])
+                for k in CLIP_KEYS
+                if clip.get(k) is not None
+            }
+            or None
+        )
         if display is None:
             display = "rgb" if thr is None else "premultiplied"
         if display not in DISPLAYS:
@@ -109,8 +134,9 @@ class NCA(nn.Module):
         return cls(**{**architecture("texture"), **kwargs})
 
     @classmethod
-    def from_lesson_state_dict(cls, state_dict: dict, fire_rate: float = 0.5,
-                               filters: torch.Tensor | None = None) -> NCA:
+    def from_lesson_state_dict(
+        cls, state_dict: dict, fire_rate: float = 0.5, filters: torch.Tensor | None = None
+    ) -> NCA:
         """The NCA holding a lesson ``SimpleCA`` state dict: ``w1.weight`` (hidden, F*C, 1, 1),
         optional ``w1.bias`` (hidden,), ``w2.weight`` (C, hidden, 1, 1), optional ``w2.bias``.
         Sizes are read from the shapes; ``filters`` defaults to the lesson's bank (F = 4).
@@ -123,11 +149,19 @@ class NCA(nn.Module):
         hidden, channels = w1.shape[0], w2.shape[0]
         bank = DEFAULT_FILTERS if filters is None else torch.as_tensor(filters)
         if w2.shape[1] != hidden or w1.shape[1] != channels * bank.shape[0]:
-            raise ValueError(f"lesson state dict shapes do not fit: w1.weight {tuple(w1.shape)}, "
-                             f"w2.weight {tuple(w2.shape)} with {bank.shape[0]} filters; expected "
-                             f"(hidden, C*F) and (C, hidden)")
-        model = cls(channels, hidden, fire_rate, bank, bias1="w1.bias" in state_dict,
-                    bias2="w2.bias" in state_dict)
+            raise ValueError(
+                f"lesson state dict shapes do not fit: w1.weight {tuple(w1.shape)}, "
+                f"w2.weight {tuple(w2.shape)} with {bank.shape[0]} filters; expected "
+                f"(hidden, C*F) and (C, hidden)"
+            )
+        model = cls(
+            channels,
+            hidden,
+            fire_rate,
+            bank,
+            bias1="w1.bias" in state_dict,
+            bias2="w2.bias" in state_dict,
+        )
         sd = {k: v for k, v in state_dict.items() if k != "filters"}
         model.load_state_dict(sd)
         return model
@@ -148,17 +182,31 @@ class NCA(nn.Module):
     def step(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """One update of the state x: (B, C, H, W); ``mask`` (B, 1, H, W) or drawn per cell."""
         if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != self.channels:
-            raise ValueError(f"x must have {self.channels} channels (NCA.channels), got "
-                             f"shape {tuple(x.shape)}")
-        return nca_step(x, self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias, mask=mask,
-                        fire_rate=self.fire_rate, filters=self.filters, **self.step_options())
+            raise ValueError(
+                f"x must have {self.channels} channels (NCA.channels), got shape {tuple(x.shape)}"
+            )
+        return nca_step(
+            x,
+            self.w1.weight,
+            self.w1.bias,
+            self.w2.weight,
+            self.w2.bias,
+            mask=mask,
+            fire_rate=self.fire_rate,
+            filters=self.filters,
+            **self.step_options(),
+        )
 
     def step_options(self) -> dict:
         """The step options (``nca_step`` keywords), JSON-able: what a checkpoint config keeps."""
         clip = None if self.clip is None else {k: list(v) for k, v in self.clip.items()}
-        return {"padding": self.padding, "alive_threshold": self.alive_threshold,
-                "alive_channel": self.alive_channel, "clip": clip,
-                "perception_angle": self.perception_angle}
+        return {
+            "padding": self.padding,
+            "alive_threshold": self.alive_threshold,
+            "alive_channel": self.alive_channel,
+            "clip": clip,
+            "perception_angle": self.perception_angle,
+        }
 
     def forward(self, x: torch.Tensor, steps: int = 1) -> torch.Tensor:
         """``steps`` updates of x: (B, C, H, W); each draws its own mask from torch's generator."""
@@ -168,8 +216,9 @@ class NCA(nn.Module):
             x = self.step(x)
         return x
 
-    def seed(self, batch: int, size, random: bool = False,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+    def seed(
+        self, batch: int, size, random: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Initial grids (batch, C, H, W) on the module's device and dtype; ``size``: int or (H, W).
 
         ``random=False``: zeros (the lesson's ``make_grids``); with alive masking, the growing
@@ -186,10 +235,14 @@ class NCA(nn.Module):
         if not random:
             x = torch.zeros(shape, device=p.device, dtype=p.dtype)
             if self.alive_threshold is not None:
-                x[:, self.alive_channel:, h // 2, w // 2] = 1.0
+                x[:, self.alive_channel :, h // 2, w // 2] = 1.0
             return x
-        x = torch.rand(shape, generator=generator, device=p.device if generator is None
-                       else generator.device, dtype=torch.float32)
+        x = torch.rand(
+            shape,
+            generator=generator,
+            device=p.device if generator is None else generator.device,
+            dtype=torch.float32,
+        )
         return (x - 0.5).to(device=p.device, dtype=p.dtype)
 
     @staticmethod
@@ -209,15 +262,20 @@ class NCA(nn.Module):
             return self.to_rgb(x)
         if self.display == "rgb/2":
             return (x[:, :3] / 2 + 0.5).clamp(0.0, 1.0)
-        a = x[:, self.alive_channel:self.alive_channel + 1].clamp(0.0, 1.0)
+        a = x[:, self.alive_channel : self.alive_channel + 1].clamp(0.0, 1.0)
         return (1.0 - a + x[:, :3]).clamp(0.0, 1.0)
 
     def extra_repr(self) -> str:
-        opts = {k: v for k, v in self.step_options().items()
-                if v != {"padding": "circular", "alive_channel": 3, "perception_angle": 0.0}.get(k)}
+        opts = {
+            k: v
+            for k, v in self.step_options().items()
+            if v != {"padding": "circular", "alive_channel": 3, "perception_angle": 0.0}.get(k)
+        }
         extra = "".join(f", {k}={v!r}" for k, v in opts.items() if v is not None)
-        return (f"channels={self.channels}, hidden={self.hidden}, fire_rate={self.fire_rate}, "
-                f"n_filters={self.n_filters}{extra}")
+        return (
+            f"channels={self.channels}, hidden={self.hidden}, fire_rate={self.fire_rate}, "
+            f"n_filters={self.n_filters}{extra}"
+        )
 
 
 def saved_tensor_bytes(fn, *args, exclude=(), **kwargs):

@@ -31,8 +31,12 @@ from fastnca.train.learner import TrainCB
 
 def build_model(cfg: TrainConfig) -> NCA:
     """The NCA module of a config (w2 zero-initialised, as in the lesson)."""
-    return NCA(channels=cfg.channels, hidden=cfg.hidden, fire_rate=cfg.fire_rate,
-               filters=FILTER_BANKS[cfg.filters])
+    return NCA(
+        channels=cfg.channels,
+        hidden=cfg.hidden,
+        fire_rate=cfg.fire_rate,
+        filters=FILTER_BANKS[cfg.filters],
+    )
 
 
 class TextureLoss(nn.Module):
@@ -45,8 +49,9 @@ class TextureLoss(nn.Module):
     the offline fallback). style: (1, 3, H, W) in [0, 1]; forward(rgb: (B, 3, H', W')) -> scalar.
     """
 
-    def __init__(self, style: torch.Tensor, features: nn.Module, kind: str = "gram",
-                 relative: bool = False):
+    def __init__(
+        self, style: torch.Tensor, features: nn.Module, kind: str = "gram", relative: bool = False
+    ):
         super().__init__()
         if kind not in LOSSES:
             raise ValueError(f"kind: expected one of {', '.join(LOSSES)}, got {kind!r}")
@@ -66,8 +71,9 @@ class TextureLoss(nn.Module):
         feats = self.features(rgb)
         if self.kind == "gram":
             return self.style(feats)
-        return sliced_wasserstein_loss(feats, [t.to(rgb.device) for t in self.targets],
-                                       weights=self.weights)
+        return sliced_wasserstein_loss(
+            feats, [t.to(rgb.device) for t in self.targets], weights=self.weights
+        )
 
 
 def training_rgb(x: torch.Tensor) -> torch.Tensor:
@@ -93,15 +99,25 @@ class NCACB(TrainCB):
 
     order = 0
 
-    def __init__(self, config: TrainConfig | None = None, *, state: torch.Tensor | None = None,
-                 iteration: int = 0, losses: list | None = None,
-                 compile_kwargs: dict | None = None, **overrides):
+    def __init__(
+        self,
+        config: TrainConfig | None = None,
+        *,
+        state: torch.Tensor | None = None,
+        iteration: int = 0,
+        losses: list | None = None,
+        compile_kwargs: dict | None = None,
+        **overrides,
+    ):
         super().__init__()
         cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate()
         self.config = cfg
         self.pool_size, self.size, self.batch_size = cfg.pool, cfg.size, cfg.batch
-        self.min_steps, self.max_steps, self.style_weight = (cfg.min_steps, cfg.max_steps,
-                                                             cfg.style_weight)
+        self.min_steps, self.max_steps, self.style_weight = (
+            cfg.min_steps,
+            cfg.max_steps,
+            cfg.style_weight,
+        )
         self.seed_every, self.seed_prob = cfg.seed_every, cfg.seed_prob
         self.overflow_normalise, self.compile_step = cfg.overflow_normalise, cfg.compile
         self.compile_kwargs = dict(compile_kwargs or {})
@@ -164,9 +180,11 @@ class NCACB(TrainCB):
 
     def after_loss(self, learn):
         if learn.training and not torch.isfinite(learn.loss.detach()).item():
-            raise TrainingDiverged(f"training diverged at iteration {self.iteration + 1} (loss "
-                                   f"{float(learn.loss.detach())}); no checkpoint was written "
-                                   f"for it: try a lower lr")
+            raise TrainingDiverged(
+                f"training diverged at iteration {self.iteration + 1} (loss "
+                f"{float(learn.loss.detach())}); no checkpoint was written "
+                f"for it: try a lower lr"
+            )
 
 
 class TrainingDiverged(RuntimeError):

@@ -54,16 +54,25 @@ def seed_grid(model, size, device=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def grow(model, size=128, frames: int = 60, steps_per_frame: int = 8, seed: int | None = 0,
-         device=None, x: torch.Tensor | None = None) -> list[np.ndarray]:
+def grow(
+    model,
+    size=128,
+    frames: int = 60,
+    steps_per_frame: int = 8,
+    seed: int | None = 0,
+    device=None,
+    x: torch.Tensor | None = None,
+) -> list[np.ndarray]:
     """Roll ``model`` out from a seed (or from ``x``) and grab one frame every ``steps_per_frame``.
 
     Returns ``frames`` RGB arrays (H, W, 3) uint8; frame k shows the grid after
     ``(k + 1) * steps_per_frame`` steps. ``seed`` fixes the random update masks (the global RNG
     is left as it was).
     """
-    frames, steps_per_frame = _positive("frames", frames), _positive("steps_per_frame",
-                                                                     steps_per_frame)
+    frames, steps_per_frame = (
+        _positive("frames", frames),
+        _positive("steps_per_frame", steps_per_frame),
+    )
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     devices = [dev] if dev.type == "cuda" else []
     out = []
@@ -104,18 +113,32 @@ def write_animation(frames: Sequence[np.ndarray], path, fps: float = 20.0, scale
         except ImportError:
             raise MissingDependencyError(
                 f"writing {p.name} needs imageio-ffmpeg (pip install imageio-ffmpeg); or write a "
-                f".gif instead") from None
+                f".gif instead"
+            ) from None
     with atomic_path(p, suffix=p.suffix) as tmp:
         if ext == ".gif":
             pil = [Image.fromarray(f) for f in ims]
-            pil[0].save(tmp, format="GIF", save_all=True, append_images=pil[1:],
-                        duration=max(20, round(1000 / fps)), loop=0, optimize=False)
+            pil[0].save(
+                tmp,
+                format="GIF",
+                save_all=True,
+                append_images=pil[1:],
+                duration=max(20, round(1000 / fps)),
+                loop=0,
+                optimize=False,
+            )
         else:
             h, w = ims[0].shape[:2]
             ph, pw = h + h % 2, w + w % 2  # yuv420p needs even sides: pad by edge replication
-            writer = imageio_ffmpeg.write_frames(tmp, (pw, ph), fps=fps, codec="libx264",
-                                                 pix_fmt_out="yuv420p", macro_block_size=1,
-                                                 quality=8)
+            writer = imageio_ffmpeg.write_frames(
+                tmp,
+                (pw, ph),
+                fps=fps,
+                codec="libx264",
+                pix_fmt_out="yuv420p",
+                macro_block_size=1,
+                quality=8,
+            )
             writer.send(None)  # start the ffmpeg process
             for f in ims:
                 writer.send(np.pad(f, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge"))
@@ -129,26 +152,46 @@ GIF_MAX_SIDE = 65535  # GIF stores widths and heights as 16-bit numbers
 def check_render(model, size, frames: int, scale: int, suffix: str = ".gif") -> None:
     """Refuse, before the rollout, a model with NaN/inf weights (it would render a black
     animation) and a render that cannot be written or would not fit in memory."""
-    bad = [n for n, t in (*model.named_parameters(), *model.named_buffers())
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [
+        n
+        for n, t in (*model.named_parameters(), *model.named_buffers())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if bad:
-        raise ValueError(f"checkpoint: the model's {', '.join(bad[:3])} hold NaN or inf values "
-                         f"(a diverged run?); nothing to render")
+        raise ValueError(
+            f"checkpoint: the model's {', '.join(bad[:3])} hold NaN or inf values "
+            f"(a diverged run?); nothing to render"
+        )
     h, w = _grid_size(size)
     scale = _positive("scale", scale)
     if suffix == ".gif" and max(h, w) * scale > GIF_MAX_SIDE:
-        raise ValueError(f"size x scale: {h * scale}x{w * scale} px is larger than a GIF can be "
-                         f"({GIF_MAX_SIDE} px a side, 16-bit); lower size or scale")
+        raise ValueError(
+            f"size x scale: {h * scale}x{w * scale} px is larger than a GIF can be "
+            f"({GIF_MAX_SIDE} px a side, 16-bit); lower size or scale"
+        )
     c = getattr(model, "channels", 16)
     hidden = getattr(model, "hidden", 128)
-    check_memory(f"rendering {frames} frames of {h}x{w} cells at scale {scale}",
-                 {"frames": frames * h * w * 3 * (1 + 2 * scale * scale),  # raw + upscaled + PIL
-                  "rollout": 4 * h * w * (3 * c + 4 * c + hidden)},  # state, perception, hidden
-                 "lower --size, --scale or --frames")
+    check_memory(
+        f"rendering {frames} frames of {h}x{w} cells at scale {scale}",
+        {
+            "frames": frames * h * w * 3 * (1 + 2 * scale * scale),  # raw + upscaled + PIL
+            "rollout": 4 * h * w * (3 * c + 4 * c + hidden),
+        },  # state, perception, hidden
+        "lower --size, --scale or --frames",
+    )
 
 
-def render(checkpoint, out, size=128, frames: int = 60, steps_per_frame: int = 8,
-           seed: int | None = 0, fps: float = 20.0, scale: int = 1, device=None) -> dict:
+def render(
+    checkpoint,
+    out,
+    size=128,
+    frames: int = 60,
+    steps_per_frame: int = 8,
+    seed: int | None = 0,
+    fps: float = 20.0,
+    scale: int = 1,
+    device=None,
+) -> dict:
     """Grow the NCA of ``checkpoint`` (file, run directory or lesson state dict) and write ``out``
     (.gif or .mp4) plus ``out`` with suffix .png (the last frame). Returns the paths and counts."""
     from fastnca.nca.checkpoint import load_nca
@@ -163,16 +206,24 @@ def render(checkpoint, out, size=128, frames: int = 60, steps_per_frame: int = 8
         except ImportError:
             raise MissingDependencyError(
                 f"writing {p.name} needs imageio-ffmpeg (pip install imageio-ffmpeg); or write a "
-                f".gif instead") from None
+                f".gif instead"
+            ) from None
     model = load_nca(checkpoint, device=device or "cpu").eval()
     check_render(model, size, frames, scale, p.suffix.lower())
     ims = grow(model, size, frames=frames, steps_per_frame=steps_per_frame, seed=seed)
     anim = write_animation(ims, p, fps=fps, scale=scale)
-    png = save_image(torch.from_numpy(_upscale(ims[-1], scale)).permute(2, 0, 1).float() / 255,
-                     p.with_suffix(".png"))
+    png = save_image(
+        torch.from_numpy(_upscale(ims[-1], scale)).permute(2, 0, 1).float() / 255,
+        p.with_suffix(".png"),
+    )
     h, w = ims[0].shape[:2]
-    return {"animation": anim, "png": png, "frames": len(ims), "size": (h * scale, w * scale),
-            "steps": frames * steps_per_frame}
+    return {
+        "animation": anim,
+        "png": png,
+        "frames": len(ims),
+        "size": (h * scale, w * scale),
+        "steps": frames * steps_per_frame,
+    }
 
 
 def pool_image(rgb: torch.Tensor, min_side: int = 256) -> torch.Tensor:
@@ -183,5 +234,3 @@ def pool_image(rgb: torch.Tensor, min_side: int = 256) -> torch.Tensor:
     grid = image_grid(rgb.detach().float().cpu().clamp(0, 1))
     k = max(1, -(-min_side // min(grid.shape[1:])))
     return grid.repeat_interleave(k, 1).repeat_interleave(k, 2)
-
-

@@ -110,8 +110,9 @@ class TrainingRun:
     device, feature weights) and nothing written yet; ``run()`` trains and writes the run
     directory. ``train_texture(...)`` is ``TrainingRun(...).run(...)``."""
 
-    def __init__(self, style=None, out_dir=None, preset: str = "quick", *, resume=None,
-                 **overrides):
+    def __init__(
+        self, style=None, out_dir=None, preset: str = "quick", *, resume=None, **overrides
+    ):
         from fastnca.style.features import VGG16Features
 
         self.ckpt = self.pool = None
@@ -120,8 +121,10 @@ class TrainingRun:
             run = Path(resume).expanduser()
             self.done, self.losses = self.ckpt.iteration, self.ckpt.losses
             if self.done >= cfg.iters:
-                raise ValueError(f"iters: the run in {str(run)!r} already has {self.done} "
-                                 f"iterations; pass a larger iters to train longer")
+                raise ValueError(
+                    f"iters: the run in {str(run)!r} already has {self.done} "
+                    f"iterations; pass a larger iters to train longer"
+                )
             style = run / STYLE_NAME
         else:
             if out_dir is None:
@@ -143,25 +146,42 @@ class TrainingRun:
         from fastnca.train.data import dummy_dls
 
         cfg = self.cfg
-        loss_func = TextureLoss(self.style_img.to(self.device), self.features.to(self.device),
-                                cfg.loss, cfg.relative_style)
+        loss_func = TextureLoss(
+            self.style_img.to(self.device),
+            self.features.to(self.device),
+            cfg.loss,
+            cfg.relative_style,
+        )
         if cfg.compile:
             loss_func = torch.compile(loss_func)
         state = self.ckpt.train if self.ckpt is not None else None
         cbs = [nca, GradNormCB(), _RunStateCB(save, cfg.save_every, state, stop)]
         if cfg.lr_milestones:
-            cbs.append(BatchSchedCB(partial(torch.optim.lr_scheduler.MultiStepLR,
-                                            milestones=list(cfg.lr_milestones),
-                                            gamma=cfg.lr_gamma)))
+            cbs.append(
+                BatchSchedCB(
+                    partial(
+                        torch.optim.lr_scheduler.MultiStepLR,
+                        milestones=list(cfg.lr_milestones),
+                        gamma=cfg.lr_gamma,
+                    )
+                )
+            )
         if cfg.amp == "bf16":
             cbs.append(MixedPrecision(torch.bfloat16))
         if self._progress:
             cbs.append(ProgressCB())
-        return Learner(model, dummy_dls(cfg.iters - self.done), loss_func, lr=cfg.lr, cbs=cbs,
-                       opt_func=torch.optim.Adam)
+        return Learner(
+            model,
+            dummy_dls(cfg.iters - self.done),
+            loss_func,
+            lr=cfg.lr,
+            cbs=cbs,
+            opt_func=torch.optim.Adam,
+        )
 
-    def run(self, progress: bool = True, gif_frames: int = 48,
-            gif_steps_per_frame: int = 8) -> TrainResult:
+    def run(
+        self, progress: bool = True, gif_frames: int = 48, gif_steps_per_frame: int = 8
+    ) -> TrainResult:
         with RunLock(self.run_dir):
             return self._run(progress, gif_frames, gif_steps_per_frame)
 
@@ -176,19 +196,40 @@ class TrainingRun:
         torch.manual_seed(cfg.seed)
         model = (self.ckpt.build_model() if self.ckpt is not None else build_model(cfg)).to(dev)
         nca = NCACB(cfg, state=self.pool, iteration=done, losses=self.losses)
-        files = {k: run / v for k, v in dict(
-            config=CONFIG_NAME, checkpoint=CHECKPOINT_NAME, style=STYLE_NAME,
-            pool_png="pool.png", loss_png="loss.png", gif="growth.gif").items()}
-        info = {"train": cfg.to_dict(), "model": model_config(model, cfg.preset),
-                "style": self.style_what, "features": self.features.source,
-                "device": str(dev), "torch": torch.__version__, "iterations": done}
+        files = {
+            k: run / v
+            for k, v in dict(
+                config=CONFIG_NAME,
+                checkpoint=CHECKPOINT_NAME,
+                style=STYLE_NAME,
+                pool_png="pool.png",
+                loss_png="loss.png",
+                gif="growth.gif",
+            ).items()
+        }
+        info = {
+            "train": cfg.to_dict(),
+            "model": model_config(model, cfg.preset),
+            "style": self.style_what,
+            "features": self.features.source,
+            "device": str(dev),
+            "torch": torch.__version__,
+            "iterations": done,
+        }
 
         def save(learn):  # at an iteration boundary: weights, optimiser, RNG and pool agree
-            extra = {"iteration": nca.iteration, "losses": list(nca.losses),
-                     "n_reseeds": nca.n_reseeds, "pool": nca.pool.detach().cpu()}
-            save_checkpoint(files["checkpoint"], model,
-                            {"preset": cfg.preset, "train_config": cfg.to_dict()},
-                            capture(learn, nca.iteration, extra))
+            extra = {
+                "iteration": nca.iteration,
+                "losses": list(nca.losses),
+                "n_reseeds": nca.n_reseeds,
+                "pool": nca.pool.detach().cpu(),
+            }
+            save_checkpoint(
+                files["checkpoint"],
+                model,
+                {"preset": cfg.preset, "train_config": cfg.to_dict()},
+                capture(learn, nca.iteration, extra),
+            )
 
         stop = GracefulStop()
         learn = self._learner(model, nca, save, stop)
@@ -206,25 +247,39 @@ class TrainingRun:
             seconds = time.perf_counter() - t0
             torch.set_num_threads(threads)
         if stop.signum is not None:
-            raise TrainingStopped(stop.signum, f"stopped after {nca.iteration} iterations; saved "
-                                  f"{files['checkpoint']}; continue with: fastnca train "
-                                  f"--resume {run}")
+            raise TrainingStopped(
+                stop.signum,
+                f"stopped after {nca.iteration} iterations; saved "
+                f"{files['checkpoint']}; continue with: fastnca train "
+                f"--resume {run}",
+            )
         model.eval()
         with torch.no_grad():
             save_image(pool_image(model.to_rgb(nca.pool[:16]).float()), files["pool_png"])
         plot_losses(nca.losses, files["loss_png"], title=f"{cfg.preset}: {self.style_what}")
         frames = grow(model, cfg.size, frames=gif_frames, steps_per_frame=gif_steps_per_frame)
         write_animation(frames, files["gif"], scale=max(1, 256 // cfg.size))
-        info.update(iterations=nca.iteration, final_loss=nca.losses[-1] if nca.losses else None,
-                    seconds_this_session=round(seconds, 2),
-                    seconds_per_iteration=round(seconds / max(1, nca.iteration - done), 4))
+        info.update(
+            iterations=nca.iteration,
+            final_loss=nca.losses[-1] if nca.losses else None,
+            seconds_this_session=round(seconds, 2),
+            seconds_per_iteration=round(seconds / max(1, nca.iteration - done), 4),
+        )
         atomic_write_json(info, files["config"])
         return TrainResult(model, cfg, nca.losses, run, seconds, files)
 
 
-def train_texture(style=None, out_dir=None, preset: str = "quick", *, resume=None,
-                  progress: bool = True, gif_frames: int = 48, gif_steps_per_frame: int = 8,
-                  **overrides):
+def train_texture(
+    style=None,
+    out_dir=None,
+    preset: str = "quick",
+    *,
+    resume=None,
+    progress: bool = True,
+    gif_frames: int = 48,
+    gif_steps_per_frame: int = 8,
+    **overrides,
+):
     """Train a texture NCA and write a run directory (see the module docstring).
 
     style: an image file, ``builtin:NAME``, a (1, 3, H, W) tensor, or None (the preset's built-in
@@ -237,5 +292,6 @@ def train_texture(style=None, out_dir=None, preset: str = "quick", *, resume=Non
     TrainingDiverged and writes no checkpoint. Returns a :class:`TrainResult`.
     """
     plan = TrainingRun(style, out_dir, preset, resume=resume, **overrides)
-    return plan.run(progress=progress, gif_frames=gif_frames,
-                    gif_steps_per_frame=gif_steps_per_frame)
+    return plan.run(
+        progress=progress, gif_frames=gif_frames, gif_steps_per_frame=gif_steps_per_frame
+    )

@@ -23,7 +23,12 @@ from fastnca.nca.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkp
 from fastnca.nca.config import TrainConfig
 from fastnca.train.checkpoint import load_file
 
-CONFIG_NAME, STYLE_NAME, LEGACY_POOL_NAME, LOCK_NAME = "config.json", "style.png", "pool.pt", ".lock"
+CONFIG_NAME, STYLE_NAME, LEGACY_POOL_NAME, LOCK_NAME = (
+    "config.json",
+    "style.png",
+    "pool.pt",
+    ".lock",
+)
 RESUMABLE = {"iters", "device", "amp", "compile", "save_every", "threads"}  # may change on resume
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -49,9 +54,10 @@ class RunLock:
             f.seek(0)
             pid = f.read().strip() or "?"
             f.close()
-            raise RunDirBusy(f"out_dir: {str(self.path.parent)!r} is in use by another fastnca "
-                             f"train (pid {pid}); wait for it or choose another directory") \
-                from None
+            raise RunDirBusy(
+                f"out_dir: {str(self.path.parent)!r} is in use by another fastnca "
+                f"train (pid {pid}); wait for it or choose another directory"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -76,52 +82,73 @@ def check_new_run_dir(run: Path) -> None:
     if run.exists() and not run.is_dir():
         raise ValueError(f"out_dir: {str(run)!r} exists and is not a directory")
     if (run / CHECKPOINT_NAME).exists():
-        raise ValueError(f"out_dir: {str(run)!r} already holds a trained NCA; continue it with "
-                         f"resume (--resume) or choose another directory")
+        raise ValueError(
+            f"out_dir: {str(run)!r} already holds a trained NCA; continue it with "
+            f"resume (--resume) or choose another directory"
+        )
     if run.is_dir():
         others = sorted(p.name for p in run.iterdir() if p.name != LOCK_NAME)
         if others:
-            raise ValueError(f"out_dir: {str(run)!r} is not empty ({', '.join(others[:3])}"
-                             f"{', ...' if len(others) > 3 else ''}) and is not a fastnca run; "
-                             f"choose a new or empty directory")
+            raise ValueError(
+                f"out_dir: {str(run)!r} is not empty ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}) and is not a fastnca run; "
+                f"choose a new or empty directory"
+            )
 
 
 def load_run(run_dir, overrides: dict):
     """(config, Checkpoint, pool or None) of a run directory to resume; writes nothing."""
     run = Path(run_dir).expanduser()
     if not run.is_dir() or not (run / CHECKPOINT_NAME).is_file():
-        raise ValueError(f"resume: {str(run)!r} is not a run directory of `fastnca train` (no "
-                         f"{CHECKPOINT_NAME} in it)")
+        raise ValueError(
+            f"resume: {str(run)!r} is not a run directory of `fastnca train` (no "
+            f"{CHECKPOINT_NAME} in it)"
+        )
     ckpt = load_checkpoint(run)
     saved = ckpt.config.get("train_config")
     if not isinstance(saved, dict) or ckpt.train is None:
-        raise CheckpointError(f"{str(run / CHECKPOINT_NAME)!r} holds weights only (no training "
-                              f"state), so it cannot be resumed")
-    changed = sorted(k for k, v in overrides.items() if v is not None and k not in RESUMABLE
-                     and saved.get(k) != (list(v) if isinstance(v, tuple) else v))
+        raise CheckpointError(
+            f"{str(run / CHECKPOINT_NAME)!r} holds weights only (no training "
+            f"state), so it cannot be resumed"
+        )
+    changed = sorted(
+        k
+        for k, v in overrides.items()
+        if v is not None
+        and k not in RESUMABLE
+        and saved.get(k) != (list(v) if isinstance(v, tuple) else v)
+    )
     if changed:
-        raise ValueError(f"resume: {', '.join(changed)} cannot change when resuming (the run "
-                         f"has {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); only "
-                         f"{', '.join(sorted(RESUMABLE))} can")
+        raise ValueError(
+            f"resume: {', '.join(changed)} cannot change when resuming (the run "
+            f"has {', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); only "
+            f"{', '.join(sorted(RESUMABLE))} can"
+        )
     try:
-        cfg = TrainConfig(**{**saved, **{k: v for k, v in overrides.items()
-                                         if v is not None and k in RESUMABLE}}).validate()
+        cfg = TrainConfig(
+            **{**saved, **{k: v for k, v in overrides.items() if v is not None and k in RESUMABLE}}
+        ).validate()
     except TypeError as e:
-        raise CheckpointError(f"{str(run / CHECKPOINT_NAME)!r}: its training config does not "
-                              f"fit this fastnca ({e})") from None
+        raise CheckpointError(
+            f"{str(run / CHECKPOINT_NAME)!r}: its training config does not fit this fastnca ({e})"
+        ) from None
     pool = ckpt.train["extra"].get("pool")
     if pool is None and (run / LEGACY_POOL_NAME).is_file():  # version-1 run directories
         p = load_file(run / LEGACY_POOL_NAME)
         if isinstance(p, dict) and p.get("iteration") == ckpt.iteration:
             pool = p.get("pool")
     if pool is None:
-        print("fastnca train: no pool saved with this checkpoint: resuming with a fresh pool",
-              file=sys.stderr)
+        print(
+            "fastnca train: no pool saved with this checkpoint: resuming with a fresh pool",
+            file=sys.stderr,
+        )
     else:
         want = (cfg.pool, cfg.channels, cfg.size, cfg.size)
         if tuple(pool.shape) != want:
-            raise CheckpointError(f"{str(run)!r}: its pool has shape {tuple(pool.shape)}, the "
-                                  f"config wants {want}; the run directory is damaged")
+            raise CheckpointError(
+                f"{str(run)!r}: its pool has shape {tuple(pool.shape)}, the "
+                f"config wants {want}; the run directory is damaged"
+            )
     return cfg, ckpt, pool
 
 
@@ -145,8 +172,11 @@ class GracefulStop:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # asked twice: stop now, without saving
         self.signum = signum
-        print(f"\nfastnca train: {signal.Signals(signum).name} received: finishing this "
-              f"iteration and saving (Ctrl-C again to stop at once, unsaved)", file=sys.stderr)
+        print(
+            f"\nfastnca train: {signal.Signals(signum).name} received: finishing this "
+            f"iteration and saving (Ctrl-C again to stop at once, unsaved)",
+            file=sys.stderr,
+        )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

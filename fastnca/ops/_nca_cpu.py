@@ -20,8 +20,10 @@ def _chunk() -> int:
 
 def _taps(filters):
     # Non-zero taps (a, e, value) of each filter, read on the host (the CPU path's bank is on CPU).
-    return [[(a, e, v) for a, row in enumerate(kf) for e, v in enumerate(row) if v != 0]
-            for kf in filters.tolist()]
+    return [
+        [(a, e, v) for a, row in enumerate(kf) for e, v in enumerate(row) if v != 0]
+        for kf in filters.tolist()
+    ]
 
 
 def _perceive_planes(x, taps, zero_pad=False):
@@ -38,11 +40,11 @@ def _perceive_planes(x, taps, zero_pad=False):
             o.zero_()
             continue
         a, e, v = tf[0]
-        o.copy_(xp[:, :, a:a + H, e:e + W])
+        o.copy_(xp[:, :, a : a + H, e : e + W])
         if v != 1:
             o.mul_(v)
         for a, e, v in tf[1:]:
-            o.add_(xp[:, :, a:a + H, e:e + W], alpha=v)
+            o.add_(xp[:, :, a : a + H, e : e + W], alpha=v)
     return out
 
 
@@ -52,17 +54,17 @@ def _adjoint_planes(dp, g, taps, zero_pad=False):
     # drops it, the padding is a constant).
     B, C, H, W = g.shape
     acc = torch.zeros((C, B, H + 2, W + 2), dtype=dp.dtype)
-    acc[:, :, 1:H + 1, 1:W + 1] = g.transpose(0, 1)
+    acc[:, :, 1 : H + 1, 1 : W + 1] = g.transpose(0, 1)
     for f, tf in enumerate(taps):
         for a, e, v in tf:
-            acc[:, :, a:a + H, e:e + W].add_(dp[f], alpha=v)
+            acc[:, :, a : a + H, e : e + W].add_(dp[f], alpha=v)
     if zero_pad:
-        return acc[:, :, 1:H + 1, 1:W + 1].transpose(0, 1)
+        return acc[:, :, 1 : H + 1, 1 : W + 1].transpose(0, 1)
     acc[:, :, 1].add_(acc[:, :, H + 1])
     acc[:, :, H].add_(acc[:, :, 0])
-    acc[:, :, 1:H + 1, 1].add_(acc[:, :, 1:H + 1, W + 1])
-    acc[:, :, 1:H + 1, W].add_(acc[:, :, 1:H + 1, 0])
-    return acc[:, :, 1:H + 1, 1:W + 1].transpose(0, 1)
+    acc[:, :, 1 : H + 1, 1].add_(acc[:, :, 1 : H + 1, W + 1])
+    acc[:, :, 1 : H + 1, W].add_(acc[:, :, 1 : H + 1, 0])
+    return acc[:, :, 1 : H + 1, 1 : W + 1].transpose(0, 1)
 
 
 def _fired(mask, dtype):

@@ -60,14 +60,14 @@ _gram_op.register_autograd(_gram_backward, setup_context=_gram_setup)
 
 
 @triton_op("fastnca::style_loss", mutates_args={})
-def _style_op(f: torch.Tensor, target: torch.Tensor,
-              save_residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _style_op(
+    f: torch.Tensor, target: torch.Tensor, save_residual: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     return style_fwd(f, target, save_residual)
 
 
 @triton_op("fastnca::style_loss_backward", mutates_args={})
-def _style_backward_op(grad: torch.Tensor, residual: torch.Tensor,
-                       f: torch.Tensor) -> torch.Tensor:
+def _style_backward_op(grad: torch.Tensor, residual: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     B, C, H, W = f.shape
     return gram_bwd(residual, f, sym=False, grad_scale=grad, scale=2.0 / (B * C * C * H * W))
 
@@ -79,8 +79,10 @@ def _style_setup(ctx, inputs, output):
 def _style_backward(ctx, grad_loss, grad_residual):
     f, residual = ctx.saved_tensors
     if residual.numel() == 0:
-        raise RuntimeError("fastnca::style_loss was called with save_residual=False, so it has no "
-                           "residual to differentiate; call it with save_residual=True")
+        raise RuntimeError(
+            "fastnca::style_loss was called with save_residual=False, so it has no "
+            "residual to differentiate; call it with save_residual=True"
+        )
     return torch.ops.fastnca.style_loss_backward(grad_loss, residual, f), None, None
 
 
@@ -155,8 +157,9 @@ class _StyleLossComposite(torch.autograd.Function):
         if m.device.type == "cpu" and acc == torch.float32 and H * W > max(GRAM_BLOCK, C):
             d = _gram_sum(m) / (H * W) - target.to(acc)  # accurate for many pixels
         else:
-            d = torch.baddbmm(target.to(acc).expand(B, C, C), m, m.transpose(1, 2), beta=-1,
-                              alpha=1.0 / (H * W))
+            d = torch.baddbmm(
+                target.to(acc).expand(B, C, C), m, m.transpose(1, 2), beta=-1, alpha=1.0 / (H * W)
+            )
         ctx.save_for_backward(f, d)
         return d.square().mean()
 
@@ -186,8 +189,9 @@ def as_layers(name: str, x) -> list:
     if isinstance(x, torch.Tensor):
         return [x]
     if not isinstance(x, Sequence) or isinstance(x, str):
-        raise TypeError(f"{name} must be a tensor or a list of tensors (one per layer), "
-                        f"got {type(x).__name__}")
+        raise TypeError(
+            f"{name} must be a tensor or a list of tensors (one per layer), got {type(x).__name__}"
+        )
     if len(x) == 0:
         raise ValueError(f"{name} is empty; pass at least one layer")
     return list(x)
@@ -206,14 +210,17 @@ def layer_weights(weights, n: int, what: str = "feats") -> list | None:
         return None
     if isinstance(weights, torch.Tensor):
         if weights.dim() != 1:
-            raise ValueError(f"weights must be a 1-D tensor or a list, got shape "
-                             f"{tuple(weights.shape)}")
+            raise ValueError(
+                f"weights must be a 1-D tensor or a list, got shape {tuple(weights.shape)}"
+            )
         weights = list(weights.unbind(0))
     elif not isinstance(weights, Sequence) or isinstance(weights, str):
         raise TypeError(f"weights must be a list of numbers, got {type(weights).__name__}")
     if len(weights) != n:
-        raise ValueError(f"weights has {len(weights)} entries but {what} has {n} layers; "
-                         "pass one weight per layer")
+        raise ValueError(
+            f"weights has {len(weights)} entries but {what} has {n} layers; "
+            "pass one weight per layer"
+        )
     return list(weights)
 
 
@@ -222,8 +229,10 @@ def _check_target(l: int, t, f: torch.Tensor) -> None:
     check_tensor(name, t)
     B, C = f.shape[:2]
     if tuple(t.shape) not in ((C, C), (B, C, C)):
-        raise ValueError(f"{name} has shape {tuple(t.shape)} but feats[{l}] has {C} channels "
-                         f"and batch {B}; expected ({C}, {C}) or ({B}, {C}, {C})")
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)} but feats[{l}] has {C} channels "
+            f"and batch {B}; expected ({C}, {C}) or ({B}, {C}, {C})"
+        )
     check_same_device(name, t, f"feats[{l}]", f)
 
 
@@ -280,8 +289,10 @@ def style_loss(feats, targets, weights=None) -> torch.Tensor:
     feats = as_layers("feats", feats)
     targets = as_layers("targets", targets)
     if len(targets) != len(feats):
-        raise ValueError(f"targets has {len(targets)} layers but feats has {len(feats)}; pass one "
-                         "target Gram per feature layer")
+        raise ValueError(
+            f"targets has {len(targets)} layers but feats has {len(feats)}; pass one "
+            "target Gram per feature layer"
+        )
     ws = layer_weights(weights, len(feats))
     total = None
     for l, (f, t) in enumerate(zip(feats, targets, strict=True)):
@@ -309,8 +320,9 @@ class StyleLoss(nn.Module):
         for l, t in enumerate(targets):
             check_tensor(f"targets[{l}]", t)
             if t.dim() not in (2, 3) or t.shape[-1] != t.shape[-2]:
-                raise ValueError(f"targets[{l}] must be (C, C) or (B, C, C), got shape "
-                                 f"{tuple(t.shape)}")
+                raise ValueError(
+                    f"targets[{l}] must be (C, C) or (B, C, C), got shape {tuple(t.shape)}"
+                )
             self.register_buffer(f"target_{l}", t.detach().clone())
         self.n_layers = len(targets)
         ws = layer_weights(weights, len(targets), what="targets")

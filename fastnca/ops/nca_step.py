@@ -46,16 +46,27 @@ from fastnca.reference import DEFAULT_FILTERS, perceive_shifts
 
 
 @triton_op("fastnca::nca_step", mutates_args={})
-def _nca_step_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                 b2: torch.Tensor | None, mask: torch.Tensor,
-                 filters: torch.Tensor) -> torch.Tensor:
+def _nca_step_op(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    mask: torch.Tensor,
+    filters: torch.Tensor,
+) -> torch.Tensor:
     return nca_step_fwd(x, w1, b1, w2, b2, mask, filters)
 
 
 @triton_op("fastnca::nca_step_backward", mutates_args={})
 def _nca_step_backward_op(
-    grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
-    w2: torch.Tensor, mask: torch.Tensor, filters: torch.Tensor,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    mask: torch.Tensor,
+    filters: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # (dx, dw1, db1, dw2, db2); the caller drops db1/db2 when the step has no such bias.
     return nca_step_bwd(grad, x, w1, b1, w2, mask, filters)
@@ -71,18 +82,24 @@ def _autograd(backward_op):
     def backward(ctx, grad):
         x, w1, b1, w2, mask, filters = ctx.saved_tensors
         dx, dw1, db1, dw2, db2 = backward_op(grad, x, w1, b1, w2, mask, filters)
-        return (dx.to(x.dtype), dw1.to(w1.dtype), None if b1 is None else db1.to(b1.dtype),
-                dw2.to(w2.dtype), None if ctx.b2_dtype is None else db2.to(ctx.b2_dtype), None,
-                None)
+        return (
+            dx.to(x.dtype),
+            dw1.to(w1.dtype),
+            None if b1 is None else db1.to(b1.dtype),
+            dw2.to(w2.dtype),
+            None if ctx.b2_dtype is None else db2.to(ctx.b2_dtype),
+            None,
+            None,
+        )
 
     return backward
 
 
-_nca_step_op.register_autograd(_autograd(torch.ops.fastnca.nca_step_backward),
-                               setup_context=_setup_context)
+_nca_step_op.register_autograd(
+    _autograd(torch.ops.fastnca.nca_step_backward), setup_context=_setup_context
+)
 
 # ------------------------------------------------------------- CPU: the MLP on fired cells only
-
 
 
 def _cpu_forward(x, w1, b1, w2, b2, mask, filters):
@@ -101,12 +118,12 @@ def _cpu_forward(x, w1, b1, w2, b2, mask, filters):
     w2c = w2.to(dt)
     chunk = _chunk()
     for lo in range(0, idx.numel(), chunk):
-        ic = idx[lo:lo + chunk]
+        ic = idx[lo : lo + chunk]
         pc = p.index_select(1, ic)  # (F*C, n)
         a = w1p @ pc if b1c is None else torch.addmm(b1c, w1p, pc)  # (HID, n)
         y = w2c @ a.relu_() if b2c is None else torch.addmm(b2c, w2c, a.relu_())
         if vals is not None:
-            y.mul_(vals[lo:lo + chunk])
+            y.mul_(vals[lo : lo + chunk])
         out.view(C, N).scatter_add_(1, ic.expand(C, -1), y)
     return out.view(C, B, H, W).transpose(0, 1).to(x.dtype).contiguous()
 
@@ -131,12 +148,12 @@ def _cpu_backward(grad, x, w1, b1, w2, mask, filters):
     db2 = torch.zeros(C, dtype=dt)
     chunk = _chunk()
     for lo in range(0, idx.numel(), chunk):
-        ic = idx[lo:lo + chunk]
+        ic = idx[lo : lo + chunk]
         pc = p.index_select(1, ic)  # (F*C, n)
         h = (w1p @ pc if b1c is None else torch.addmm(b1c, w1p, pc)).relu_()  # (HID, n)
         gy = gT.index_select(1, ic)  # (C, n)
         if vals is not None:
-            gy.mul_(vals[lo:lo + chunk])
+            gy.mul_(vals[lo : lo + chunk])
         dw2.addmm_(gy, h.t())
         db2.add_(gy.sum(1))
         da = torch.ops.aten.threshold_backward(w2c.t() @ gy, h, 0)  # (HID, n)
@@ -149,9 +166,15 @@ def _cpu_backward(grad, x, w1, b1, w2, mask, filters):
 
 
 @torch.library.custom_op("fastnca::nca_step_cpu", mutates_args=(), device_types="cpu")
-def _nca_step_cpu_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                     b2: torch.Tensor | None, mask: torch.Tensor,
-                     filters: torch.Tensor) -> torch.Tensor:
+def _nca_step_cpu_op(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    mask: torch.Tensor,
+    filters: torch.Tensor,
+) -> torch.Tensor:
     return _cpu_forward(x, w1, b1, w2, b2, mask, filters)
 
 
@@ -162,8 +185,13 @@ def _(x, w1, b1, w2, b2, mask, filters):
 
 @torch.library.custom_op("fastnca::nca_step_cpu_backward", mutates_args=(), device_types="cpu")
 def _nca_step_cpu_backward_op(
-    grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
-    w2: torch.Tensor, mask: torch.Tensor, filters: torch.Tensor,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    mask: torch.Tensor,
+    filters: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _cpu_backward(grad, x, w1, b1, w2, mask, filters)
 
@@ -172,12 +200,18 @@ def _nca_step_cpu_backward_op(
 def _(grad, x, w1, b1, w2, mask, filters):
     dt = _acc(x)
     new = lambda *shape: torch.empty(shape, dtype=dt, device=x.device)
-    return (torch.empty(grad.shape, dtype=grad.dtype, device=grad.device), new(*w1.shape),
-            new(w1.shape[0]), new(*w2.shape), new(w2.shape[0]))
+    return (
+        torch.empty(grad.shape, dtype=grad.dtype, device=grad.device),
+        new(*w1.shape),
+        new(w1.shape[0]),
+        new(*w2.shape),
+        new(w2.shape[0]),
+    )
 
 
-_nca_step_cpu_op.register_autograd(_autograd(torch.ops.fastnca.nca_step_cpu_backward),
-                                   setup_context=_setup_context)
+_nca_step_cpu_op.register_autograd(
+    _autograd(torch.ops.fastnca.nca_step_cpu_backward), setup_context=_setup_context
+)
 
 
 # --------------------------------------------------------- other devices: dense, checkpointed
@@ -235,8 +269,10 @@ def _check(x, w1, b1, w2, b2, mask, fire_rate, filters):
     check_same_device("w2", w2, "x", x)
     hidden = w1.shape[0]
     if w1.shape[1] != NF * C:
-        raise ValueError(f"w1 must have shape (hidden, F*C) = (hidden, {NF * C}) for x with C={C} "
-                         f"channels and {NF} filters, got {tuple(w1.shape)}")
+        raise ValueError(
+            f"w1 must have shape (hidden, F*C) = (hidden, {NF * C}) for x with C={C} "
+            f"channels and {NF} filters, got {tuple(w1.shape)}"
+        )
     if tuple(w2.shape) != (C, hidden):
         raise ValueError(f"w2 must have shape (C, hidden) = ({C}, {hidden}), got {tuple(w2.shape)}")
     for name, bias, size in (("b1", b1, hidden), ("b2", b2, C)):
@@ -250,11 +286,15 @@ def _check(x, w1, b1, w2, b2, mask, fire_rate, filters):
         if mask.dtype != torch.bool and not mask.is_floating_point():
             raise TypeError(f"mask must be bool or floating (0/1 values), got {mask.dtype}")
         if tuple(mask.shape) != (B, 1, H, W):
-            raise ValueError(f"mask must have shape (B, 1, H, W) = ({B}, 1, {H}, {W}), "
-                             f"got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must have shape (B, 1, H, W) = ({B}, 1, {H}, {W}), got {tuple(mask.shape)}"
+            )
         check_same_device("mask", mask, "x", x)
-    elif (not isinstance(fire_rate, numbers.Real) or isinstance(fire_rate, bool)
-          or not 0.0 <= fire_rate <= 1.0):
+    elif (
+        not isinstance(fire_rate, numbers.Real)
+        or isinstance(fire_rate, bool)
+        or not 0.0 <= fire_rate <= 1.0
+    ):
         raise ValueError(f"fire_rate must be a number in [0, 1], got {fire_rate!r}")
     return w1, w2
 
@@ -269,12 +309,22 @@ def update_mask(x: torch.Tensor, fire_rate: float = 0.5) -> torch.Tensor:
     return (torch.rand((B, 1, H, W), device=x.device) + fire_rate) >= 1.0
 
 
-def nca_step(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-             b2: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-             fire_rate: float = 0.5, filters: torch.Tensor | None = None, *,
-             padding: str = "circular", alive_threshold: float | None = None,
-             alive_channel: int = 3, clip: dict | None = None,
-             perception_angle: float = 0.0) -> torch.Tensor:
+def nca_step(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    fire_rate: float = 0.5,
+    filters: torch.Tensor | None = None,
+    *,
+    padding: str = "circular",
+    alive_threshold: float | None = None,
+    alive_channel: int = 3,
+    clip: dict | None = None,
+    perception_angle: float = 0.0,
+) -> torch.Tensor:
     """One NCA update ``x + (w2 relu(w1 perceive(x) + b1) + b2) * mask``, fused, recompute backward.
 
     Args:
@@ -307,10 +357,21 @@ def nca_step(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
     w1, w2 = _check(x, w1, b1, w2, b2, mask, fire_rate, filters)
     if mask is None:
         mask = update_mask(x, fire_rate)
-    if (padding != "circular" or alive_threshold is not None or clip is not None
-            or perception_angle != 0):
-        o = check_options(padding, alive_threshold, alive_channel, clip, perception_angle,
-                              x.shape[1], filters.shape[0])
+    if (
+        padding != "circular"
+        or alive_threshold is not None
+        or clip is not None
+        or perception_angle != 0
+    ):
+        o = check_options(
+            padding,
+            alive_threshold,
+            alive_channel,
+            clip,
+            perception_angle,
+            x.shape[1],
+            filters.shape[0],
+        )
         with torch.autocast(x.device.type, enabled=False):
             return nca_step_options(x, w1, b1, w2, b2, mask.detach(), filters.detach(), *o)
     args = (x, w1, b1, w2, b2, mask.detach(), filters.detach())

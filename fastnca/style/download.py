@@ -78,15 +78,23 @@ class _Progress:
             return
         self.last = now
         mb = f"{done / 2**20:.0f}"
-        frac = f"/{self.total / 2**20:.0f} MB ({100 * done / self.total:.0f}%)" if self.total \
+        frac = (
+            f"/{self.total / 2**20:.0f} MB ({100 * done / self.total:.0f}%)"
+            if self.total
             else " MB"
+        )
         end = ("\n" if final else "") if self.tty else "\n"
-        print(f"{chr(13) if self.tty else ''}fastnca.style.features: {self.what}: {mb}{frac}",
-              end=end, file=sys.stderr, flush=True)
+        print(
+            f"{chr(13) if self.tty else ''}fastnca.style.features: {self.what}: {mb}{frac}",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-def download_weights(url: str, dest: Path, timeout: float = 5.0, deadline: float | None = None,
-                     verbose: bool = False) -> Path:
+def download_weights(
+    url: str, dest: Path, timeout: float = 5.0, deadline: float | None = None, verbose: bool = False
+) -> Path:
     """Download ``url`` to ``dest`` (temp ``.part`` file + os.replace), never hanging.
 
     ``timeout`` bounds the connect and every read, ``deadline`` (default ``DEFAULT_DEADLINE`` s or
@@ -113,9 +121,11 @@ def download_weights(url: str, dest: Path, timeout: float = 5.0, deadline: float
                 done += len(chunk)
                 show(done)
                 if time.monotonic() > end:
-                    raise TimeoutError(f"download of {url} not finished within {deadline:g}s "
-                                       f"({done / 2**20:.1f} MB received); set "
-                                       f"{DEADLINE_ENV}=SECONDS to allow longer")
+                    raise TimeoutError(
+                        f"download of {url} not finished within {deadline:g}s "
+                        f"({done / 2**20:.1f} MB received); set "
+                        f"{DEADLINE_ENV}=SECONDS to allow longer"
+                    )
             show(done, final=True)
         prefix = dest.stem.rsplit("-", 1)[-1] if "-" in dest.stem else ""
         if len(prefix) >= 8 and not sha.hexdigest().startswith(prefix):

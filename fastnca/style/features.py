@@ -82,9 +82,11 @@ def layer_index(layer: int | str) -> int:
     """A ``vgg16().features`` index from an int (0..30) or a name such as "relu3_1"."""
     if isinstance(layer, str):
         if layer not in LAYER_NAMES:
-            raise ValueError(f"layers: unknown layer name {layer!r}; expected an index 0..30 or "
-                             f"one of relu1_1, relu2_1, relu3_1, relu4_1, relu5_1, conv3_2, pool2, "
-                             f"...")
+            raise ValueError(
+                f"layers: unknown layer name {layer!r}; expected an index 0..30 or "
+                f"one of relu1_1, relu2_1, relu3_1, relu4_1, relu5_1, conv3_2, pool2, "
+                f"..."
+            )
         return LAYER_NAMES[layer]
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise TypeError(f"layers: expected ints or layer names, got {type(layer).__name__}")
@@ -118,19 +120,25 @@ def hub_checkpoint_path() -> Path:
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A vgg16 or vgg16().features state dict from a file, keyed like features ("0.weight")."""
     if path.is_dir() or not path.exists():
-        raise ValueError(f"weights: {str(path)!r} is not a file; expected a VGG16 state-dict file "
-                         f"(.pth), 'auto', 'imagenet' or 'random'")
+        raise ValueError(
+            f"weights: {str(path)!r} is not a file; expected a VGG16 state-dict file "
+            f"(.pth), 'auto', 'imagenet' or 'random'"
+        )
     if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or device could block torch.load forever
-        raise ValueError(f"weights: {str(path)!r} is not a regular file (a FIFO, device or "
-                         f"socket); expected a VGG16 state-dict file (.pth)")
+        raise ValueError(
+            f"weights: {str(path)!r} is not a regular file (a FIFO, device or "
+            f"socket); expected a VGG16 state-dict file (.pth)"
+        )
     try:
         try:  # memory-map: the classifier (~0.5 GB of the torchvision file) is never read
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors, truncated files, non-torch files
-        raise ValueError(f"weights: cannot load {str(path)!r} as a state dict with "
-                         f"weights_only=True ({type(e).__name__})") from None
+        raise ValueError(
+            f"weights: cannot load {str(path)!r} as a state dict with "
+            f"weights_only=True ({type(e).__name__})"
+        ) from None
     return _features_keys(sd, str(path))
 
 
@@ -138,7 +146,7 @@ def _features_keys(sd, where: str) -> dict[str, torch.Tensor]:
     if not isinstance(sd, Mapping):
         raise ValueError(f"weights: {where} holds a {type(sd).__name__}, expected a state dict")
     if any(k.startswith("features.") for k in sd):
-        sd = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
+        sd = {k[len("features.") :]: v for k, v in sd.items() if k.startswith("features.")}
     return dict(sd)
 
 
@@ -157,14 +165,19 @@ def _vgg16_features(sd: Mapping[str, torch.Tensor], last: int, source: str) -> n
                 c_in = c
             mods.append(nn.MaxPool2d(2, 2))
         net = nn.Sequential(*mods[: last + 1])
-    keep = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()
-            if k.split(".")[0].isdigit() and int(k.split(".")[0]) <= last}
+    keep = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in sd.items()
+        if k.split(".")[0].isdigit() and int(k.split(".")[0]) <= last
+    }
     try:
         net.load_state_dict(keep, strict=True, assign=True)
     except RuntimeError as e:
         msg = " ".join(str(e).split())
-        raise ValueError(f"weights: the state dict from {source} does not fit vgg16 features "
-                         f"0..{last}: {msg[:300]}") from None
+        raise ValueError(
+            f"weights: the state dict from {source} does not fit vgg16 features "
+            f"0..{last}: {msg[:300]}"
+        ) from None
     return net
 
 
@@ -219,8 +232,15 @@ class VGG16Features(nn.Module):
     gradients; the module stays in eval mode.
     """
 
-    def __init__(self, layers: Sequence[int | str] = DEFAULT_LAYERS, weights="auto", *,
-                 verbose: bool = True, timeout: float = 5.0, seed: int = 0):
+    def __init__(
+        self,
+        layers: Sequence[int | str] = DEFAULT_LAYERS,
+        weights="auto",
+        *,
+        verbose: bool = True,
+        timeout: float = 5.0,
+        seed: int = 0,
+    ):
         super().__init__()
         if isinstance(layers, (int, str)):
             layers = (layers,)
@@ -252,6 +272,7 @@ class VGG16Features(nn.Module):
     def _hook(self, i: int):
         def hook(module, inputs, output):
             self._acts[i] = output
+
         return hook
 
     @staticmethod
@@ -260,12 +281,17 @@ class VGG16Features(nn.Module):
         if isinstance(weights, Mapping):
             return _features_keys(weights, "the given state dict"), "a given state dict"
         if isinstance(weights, (str, os.PathLike)) and str(weights) not in (
-                "auto", "imagenet", "random"):
+            "auto",
+            "imagenet",
+            "random",
+        ):
             path = Path(weights).expanduser()
             return _load_state_dict(path), f"weights file {path}"
         if not isinstance(weights, (str, os.PathLike)):
-            raise TypeError(f"weights: expected 'auto', 'imagenet', 'random', a path or a state "
-                            f"dict, got {type(weights).__name__}")
+            raise TypeError(
+                f"weights: expected 'auto', 'imagenet', 'random', a path or a state "
+                f"dict, got {type(weights).__name__}"
+            )
         fallback = "random multi-scale features (offline fallback, Ustyuzhaninov et al. 2017)"
         if weights == "random":
             return None, fallback
@@ -275,8 +301,11 @@ class VGG16Features(nn.Module):
             if offline():
                 why += f" and {OFFLINE_ENV} is set"
             else:
-                _say(verbose, f"downloading {VGG16_URL} to {ckpt} (timeout {timeout:g}s, at "
-                              f"most {_default_deadline():g}s in all; {OFFLINE_ENV}=1 skips this)")
+                _say(
+                    verbose,
+                    f"downloading {VGG16_URL} to {ckpt} (timeout {timeout:g}s, at "
+                    f"most {_default_deadline():g}s in all; {OFFLINE_ENV}=1 skips this)",
+                )
                 try:
                     download_weights(VGG16_URL, ckpt, timeout=timeout, verbose=verbose)
                 except (OSError, ValueError) as e:  # URLError, timeouts, refused, hash mismatch
@@ -287,10 +316,15 @@ class VGG16Features(nn.Module):
             except ValueError as e:
                 why = f"{ckpt} is unreadable ({e})"
         if weights == "imagenet":
-            raise ValueError(f"weights='imagenet': {why}; put vgg16-397923af.pth there, pass a "
-                             f"state-dict file, or use weights='random'")
-        _say(verbose, f"{why}: using the offline fallback. For a pretrained VGG16 put "
-                      f"{ckpt.name} in {ckpt.parent} or pass --weights PATH")
+            raise ValueError(
+                f"weights='imagenet': {why}; put vgg16-397923af.pth there, pass a "
+                f"state-dict file, or use weights='random'"
+            )
+        _say(
+            verbose,
+            f"{why}: using the offline fallback. For a pretrained VGG16 put "
+            f"{ckpt.name} in {ckpt.parent} or pass --weights PATH",
+        )
         return None, fallback
 
     def train(self, mode: bool = True):

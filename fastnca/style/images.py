@@ -34,8 +34,9 @@ class ImageError(ValueError):
 MIN_SIDE = 16  # smallest image side the style features take: relu5_1 is 1/16 of the input
 
 
-def check_min_side(name: str, w: int, h: int, size: int | None, orig=None,
-                   min_side: int = MIN_SIDE) -> None:
+def check_min_side(
+    name: str, w: int, h: int, size: int | None, orig=None, min_side: int = MIN_SIDE
+) -> None:
     """Refuse a (w x h) image whose shorter side is under ``min_side`` px (default MIN_SIDE, for
     features up to relu5_1); ``orig``: its (w, h) before resizing. One line, says what to do."""
     if min(w, h) >= min_side:
@@ -47,8 +48,10 @@ def check_min_side(name: str, w: int, h: int, size: int | None, orig=None,
         need = math.ceil(min_side * max(ow, oh) / min(ow, oh))
         fix = f"crop it nearer to square or use a size of at least {need}"
     when = f" after resizing to size {size}" if size is not None and (w, h) != (ow, oh) else ""
-    raise ImageError(f"{name} is {w}x{h} px{when}: its shorter side is under {min_side} px, the "
-                     f"smallest the style features take (VGG16 pools before them); {fix}")
+    raise ImageError(
+        f"{name} is {w}x{h} px{when}: its shorter side is under {min_side} px, the "
+        f"smallest the style features take (VGG16 pools before them); {fix}"
+    )
 
 
 def _to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
@@ -81,7 +84,7 @@ def load_image(path, size: int | None = None, *, verbose: bool = True) -> torch.
     """
     p = Path(path).expanduser()
     if size is not None:
-        check_int('size', size, 1)
+        check_int("size", size, 1)
     if not p.exists():
         raise ImageError(f"{str(p)!r}: no such file")
     if p.is_dir():
@@ -91,8 +94,10 @@ def load_image(path, size: int | None = None, *, verbose: bool = True) -> torch.
     except OSError as e:
         raise ImageError(f"{str(p)!r}: cannot stat ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
-        raise ImageError(f"{str(p)!r} is not a regular file (a FIFO, device or socket); expected "
-                         f"an image file (PNG or JPEG)")
+        raise ImageError(
+            f"{str(p)!r} is not a regular file (a FIFO, device or socket); expected "
+            f"an image file (PNG or JPEG)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -103,16 +108,20 @@ def load_image(path, size: int | None = None, *, verbose: bool = True) -> torch.
                 img = ImageOps.exif_transpose(img)
                 rgb = _to_rgb(img)
     except UnidentifiedImageError:
-        raise ImageError(f"{str(p)!r} is not an image file Pillow can read (expected PNG or "
-                         f"JPEG)") from None
+        raise ImageError(
+            f"{str(p)!r} is not an image file Pillow can read (expected PNG or JPEG)"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{str(p)!r} is too large to decode safely (over "
-                         f"{Image.MAX_IMAGE_PIXELS} pixels)") from None
+        raise ImageError(
+            f"{str(p)!r} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels)"
+        ) from None
     except PermissionError:
         raise ImageError(f"{str(p)!r}: permission denied") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise ImageError(f"{str(p)!r} could not be decoded ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+        raise ImageError(
+            f"{str(p)!r} could not be decoded ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'corrupt'})"
+        ) from None
     w, h = rgb.size
     if size is not None and max(w, h) > size:
         s = size / max(w, h)
@@ -120,8 +129,11 @@ def load_image(path, size: int | None = None, *, verbose: bool = True) -> torch.
         check_min_side(repr(str(p)), nw, nh, size, (w, h))
         rgb = rgb.resize((nw, nh), Image.LANCZOS, reducing_gap=3.0)
         if verbose:
-            print(f"fastnca: resized {p.name} from {w}x{h} to {nw}x{nh} (size {size})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"fastnca: resized {p.name} from {w}x{h} to {nw}x{nh} (size {size})",
+                file=sys.stderr,
+                flush=True,
+            )
     a = np.asarray(rgb, dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float().div_(255.0)
 
@@ -131,8 +143,9 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
     t = img.detach().float().cpu()
     if t.dim() == 4:
         if t.shape[0] != 1:
-            raise ValueError(f"img: expected a single image, got a batch of {t.shape[0]}; "
-                             f"use image_grid() first")
+            raise ValueError(
+                f"img: expected a single image, got a batch of {t.shape[0]}; use image_grid() first"
+            )
         t = t[0]
     if t.dim() == 3 and t.shape[0] == 1:
         t = t[0]
@@ -161,8 +174,12 @@ def save_image(img: torch.Tensor, path) -> Path:
     return p
 
 
-def image_grid(images: torch.Tensor | Sequence[torch.Tensor], ncols: int | None = None,
-               pad: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+def image_grid(
+    images: torch.Tensor | Sequence[torch.Tensor],
+    ncols: int | None = None,
+    pad: int = 2,
+    pad_value: float = 1.0,
+) -> torch.Tensor:
     """Tile images into one (3, H', W') image: a (N, 3, H, W) tensor or a list of (3, H, W) /
     (1, 3, H, W) images of one size, ``ncols`` per row (default: about sqrt(N)), ``pad`` pixels of
     ``pad_value`` between and around them."""
@@ -173,8 +190,10 @@ def image_grid(images: torch.Tensor | Sequence[torch.Tensor], ncols: int | None 
         if not ims:
             raise ValueError("images: expected at least one image, got none")
         if len({tuple(t.shape) for t in ims}) != 1:
-            raise ValueError(f"images: all images must have one shape, got "
-                             f"{sorted({tuple(t.shape) for t in ims})}")
+            raise ValueError(
+                f"images: all images must have one shape, got "
+                f"{sorted({tuple(t.shape) for t in ims})}"
+            )
         batch = torch.stack([t.detach().float().cpu() for t in ims])
     if batch.dim() != 4 or batch.shape[1] not in (1, 3):
         raise ValueError(f"images: expected (N, 3, H, W), got {tuple(batch.shape)}")
@@ -186,5 +205,5 @@ def image_grid(images: torch.Tensor | Sequence[torch.Tensor], ncols: int | None 
     for k in range(n):
         r, c = divmod(k, ncols)
         y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[:, y:y + h, x:x + w] = batch[k]
+        grid[:, y : y + h, x : x + w] = batch[k]
     return grid

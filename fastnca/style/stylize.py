@@ -31,8 +31,14 @@ from fastnca.train.callbacks import DeviceCB, MixedPrecision, ProgressCB
 from fastnca.train.data import dummy_dls
 from fastnca.train.learner import Callback, Learner, TrainCB
 
-__all__ = ["ImageLogCB", "ImageOptCB", "StyleTransferLoss", "TensorModel", "feature_layers",
-           "stylize"]
+__all__ = [
+    "ImageLogCB",
+    "ImageOptCB",
+    "StyleTransferLoss",
+    "TensorModel",
+    "feature_layers",
+    "stylize",
+]
 
 CONTENT_LAYERS = ("relu4_1",)
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -87,9 +93,10 @@ class ImageLogCB(Callback):
 
     order = 20
 
-    def __init__(self, every: int = 10, path: str | os.PathLike | None = None,
-                 ncols: int | None = None):
-        check_int('every', every, 1)
+    def __init__(
+        self, every: int = 10, path: str | os.PathLike | None = None, ncols: int | None = None
+    ):
+        check_int("every", every, 1)
         self.every, self.path, self.ncols = every, path, ncols
         self.images: list[torch.Tensor] = []
         self.steps: list[int] = []
@@ -122,9 +129,16 @@ class StyleTransferLoss(nn.Module):
     (1, 3, H, W). ``last`` keeps the latest (content, style) terms as detached tensors.
     """
 
-    def __init__(self, features: VGG16Features, content: torch.Tensor, style: torch.Tensor,
-                 content_layers: Sequence = CONTENT_LAYERS, style_layers: Sequence = STYLE_LAYERS,
-                 content_weight: float = 1.0, style_weight: float = 1.0):
+    def __init__(
+        self,
+        features: VGG16Features,
+        content: torch.Tensor,
+        style: torch.Tensor,
+        content_layers: Sequence = CONTENT_LAYERS,
+        style_layers: Sequence = STYLE_LAYERS,
+        content_weight: float = 1.0,
+        style_weight: float = 1.0,
+    ):
         super().__init__()
         self.features = features
         have = list(features.layers)
@@ -132,9 +146,11 @@ class StyleTransferLoss(nn.Module):
         s_idx = [layer_index(l) for l in style_layers]
         missing = list(dict.fromkeys(i for i in c_idx + s_idx if i not in have))
         if missing:
-            raise ValueError(f"content_layers/style_layers: layers {missing} are not among the "
-                             f"features' layers {have}; build the extractor with "
-                             f"feature_layers(content_layers, style_layers)")
+            raise ValueError(
+                f"content_layers/style_layers: layers {missing} are not among the "
+                f"features' layers {have}; build the extractor with "
+                f"feature_layers(content_layers, style_layers)"
+            )
         self.c_pos = [have.index(i) for i in c_idx]
         self.s_pos = [have.index(i) for i in s_idx]
         self.content_weight, self.style_weight = float(content_weight), float(style_weight)
@@ -145,8 +161,9 @@ class StyleTransferLoss(nn.Module):
             self.register_buffer(f"content_{k}", fc[p].detach().clone())
         # Layer l's term is divided by (number of layers * mean square of its target): a relative
         # error, so the weights mean the same for any feature scale (pretrained VGG or fallback).
-        self.c_layer_weights = [1.0 / (len(c_idx) * fc[p].square().mean().item() + 1e-12)
-                                for p in self.c_pos]
+        self.c_layer_weights = [
+            1.0 / (len(c_idx) * fc[p].square().mean().item() + 1e-12) for p in self.c_pos
+        ]
         self.style = None
         if self.s_pos:
             with torch.no_grad():
@@ -161,8 +178,7 @@ class StyleTransferLoss(nn.Module):
         lc = ls = total
         if self.c_pos and self.content_weight:
             targets = [getattr(self, f"content_{k}") for k in range(len(self.c_pos))]
-            lc = content_loss([feats[p].float() for p in self.c_pos], targets,
-                              self.c_layer_weights)
+            lc = content_loss([feats[p].float() for p in self.c_pos], targets, self.c_layer_weights)
             total = total + self.content_weight * lc
         if self.style is not None and self.style_weight:
             ls = self.style([feats[p] for p in self.s_pos])
@@ -179,8 +195,10 @@ def _as_image(x, name: str, size: int | None, verbose: bool) -> torch.Tensor:
         check_min_side(f"{name} {str(x)!r}", img.shape[-1], img.shape[-2], size)
         return img
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{name}: expected an image path or a float tensor (1, 3, H, W) in [0, 1], "
-                        f"got {getattr(x, 'dtype', type(x).__name__)}")
+        raise TypeError(
+            f"{name}: expected an image path or a float tensor (1, 3, H, W) in [0, 1], "
+            f"got {getattr(x, 'dtype', type(x).__name__)}"
+        )
     t = x.detach().float()
     t = t[None] if t.dim() == 3 else t
     if t.dim() != 4 or t.shape[:2] != (1, 3):
@@ -191,20 +209,39 @@ def _as_image(x, name: str, size: int | None, verbose: bool) -> torch.Tensor:
         nh, nw = max(1, round(h * s)), max(1, round(w * s))
         t = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         if verbose:
-            print(f"fastnca: resized {name} from {w}x{h} to {nw}x{nh} (size {size})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"fastnca: resized {name} from {w}x{h} to {nw}x{nh} (size {size})",
+                file=sys.stderr,
+                flush=True,
+            )
     check_min_side(name, t.shape[-1], t.shape[-2], size, (w, h))
     return t.clamp(0, 1)
 
 
-def stylize(content, style, steps: int = 150, lr: float = 0.05,
-            content_layers: Sequence = CONTENT_LAYERS, style_layers: Sequence = STYLE_LAYERS,
-            style_weight: float = 10.0, content_weight: float = 1.0, init: str = "content",
-            size: int | None = 256, *, features: VGG16Features | None = None, weights="auto",
-            device=None, amp: bool | str = False, compile: bool | str = False,
-            progress: bool = False,
-            log_every: int | None = None, log_path=None, cbs: Sequence[Callback] = (),
-            seed: int = 0, verbose: bool = True) -> torch.Tensor:
+def stylize(
+    content,
+    style,
+    steps: int = 150,
+    lr: float = 0.05,
+    content_layers: Sequence = CONTENT_LAYERS,
+    style_layers: Sequence = STYLE_LAYERS,
+    style_weight: float = 10.0,
+    content_weight: float = 1.0,
+    init: str = "content",
+    size: int | None = 256,
+    *,
+    features: VGG16Features | None = None,
+    weights="auto",
+    device=None,
+    amp: bool | str = False,
+    compile: bool | str = False,
+    progress: bool = False,
+    log_every: int | None = None,
+    log_path=None,
+    cbs: Sequence[Callback] = (),
+    seed: int = 0,
+    verbose: bool = True,
+) -> torch.Tensor:
     """Optimise the pixels of an image to match ``content``'s features and ``style``'s Grams.
 
     content, style: image paths or float tensors (1, 3, H, W) in [0, 1]; resized so the longer
@@ -218,7 +255,7 @@ def stylize(content, style, steps: int = 150, lr: float = 0.05,
     log_every/log_path: an ImageLogCB (snapshots every N steps, grid saved to log_path).
     Returns the stylized image, (1, 3, H, W) float32 in [0, 1] on the CPU.
     """
-    check_int('steps', steps, 1)
+    check_int("steps", steps, 1)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr: expected a positive finite learning rate, got {lr!r}")
     if init not in ("content", "random"):
@@ -228,14 +265,25 @@ def stylize(content, style, steps: int = 150, lr: float = 0.05,
             raise ValueError(f"{name}: expected a finite number >= 0, got {w!r}")
     content_img = _as_image(content, "content", size, verbose)
     style_img = _as_image(style, "style", size, verbose)
-    dev = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    )
     if features is None:
-        features = VGG16Features(feature_layers(content_layers, style_layers), weights=weights,
-                                 verbose=verbose)
+        features = VGG16Features(
+            feature_layers(content_layers, style_layers), weights=weights, verbose=verbose
+        )
     features = features.to(dev)
-    loss = StyleTransferLoss(features, content_img.to(dev), style_img.to(dev), content_layers,
-                             style_layers, content_weight, style_weight).to(dev)
+    loss = StyleTransferLoss(
+        features,
+        content_img.to(dev),
+        style_img.to(dev),
+        content_layers,
+        style_layers,
+        content_weight,
+        style_weight,
+    ).to(dev)
     if compile:  # True: inductor; a string names another torch.compile backend
         backend = compile if isinstance(compile, str) else "inductor"
         loss_func = torch.compile(loss, backend=backend, fullgraph=True)
@@ -254,7 +302,13 @@ def stylize(content, style, steps: int = 150, lr: float = 0.05,
         cb_list.append(ProgressCB(file=sys.stderr))
     if log_every is not None:
         cb_list.append(ImageLogCB(log_every, log_path))
-    learn = Learner(model, dummy_dls(steps), loss_func=loss_func, lr=lr,
-                    cbs=[*cb_list, *cbs], opt_func=torch.optim.Adam)
+    learn = Learner(
+        model,
+        dummy_dls(steps),
+        loss_func=loss_func,
+        lr=lr,
+        cbs=[*cb_list, *cbs],
+        opt_func=torch.optim.Adam,
+    )
     learn.fit(1, valid=False)
     return model.t.detach().float().cpu().clamp(0, 1)

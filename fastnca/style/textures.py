@@ -22,14 +22,16 @@ DEFAULT_TEXTURE = "scales"
 DEFAULT_CONTENT = "landscape"
 
 # RGB in [0, 1]
-_PALETTE = torch.tensor([
-    [0.95, 0.30, 0.25],  # red
-    [0.98, 0.75, 0.20],  # amber
-    [0.25, 0.75, 0.45],  # green
-    [0.20, 0.55, 0.95],  # blue
-    [0.70, 0.35, 0.90],  # violet
-    [0.98, 0.50, 0.70],  # pink
-])
+_PALETTE = torch.tensor(
+    [
+        [0.95, 0.30, 0.25],  # red
+        [0.98, 0.75, 0.20],  # amber
+        [0.25, 0.75, 0.45],  # green
+        [0.20, 0.55, 0.95],  # blue
+        [0.70, 0.35, 0.90],  # violet
+        [0.98, 0.50, 0.70],  # pink
+    ]
+)
 
 
 def _grid(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +114,16 @@ def _checker(h: int, w: int) -> torch.Tensor:
     iu, iv = torch.floor(u), torch.floor(v)
     parity = (iu + iv) % 2
     band = torch.floor(u / 3) % 2  # u wraps by 6: bands repeat
-    c0 = _mix(torch.tensor([0.95, 0.40, 0.20])[:, None, None],
-              torch.tensor([0.20, 0.45, 0.90])[:, None, None], band)
-    c1 = _mix(torch.tensor([0.98, 0.85, 0.35])[:, None, None],
-              torch.tensor([0.15, 0.15, 0.20])[:, None, None], band)
+    c0 = _mix(
+        torch.tensor([0.95, 0.40, 0.20])[:, None, None],
+        torch.tensor([0.20, 0.45, 0.90])[:, None, None],
+        band,
+    )
+    c1 = _mix(
+        torch.tensor([0.98, 0.85, 0.35])[:, None, None],
+        torch.tensor([0.15, 0.15, 0.20])[:, None, None],
+        band,
+    )
     img = _mix(c0, c1, parity)
     d = torch.maximum((u - iu - 0.5).abs(), (v - iv - 0.5).abs()) - 0.12
     return _mix(img, torch.ones(3, 1, 1), _smooth(d, 0.03))
@@ -148,15 +156,22 @@ def _landscape(h: int, w: int) -> torch.Tensor:
 
 
 TEXTURES: dict[str, Callable[[int, int], torch.Tensor]] = {
-    "dots": _dots, "stripes": _stripes, "scales": _scales, "checker": _checker}
+    "dots": _dots,
+    "stripes": _stripes,
+    "scales": _scales,
+    "checker": _checker,
+}
 CONTENT: dict[str, Callable[[int, int], torch.Tensor]] = {"landscape": _landscape}
 
 
 def _size(size) -> tuple[int, int]:
     if isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 8 for s in size)):
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 8 for s in size)
+    ):
         raise ValueError(f"size: expected an int >= 8 or (height, width), got {size!r}")
     return int(size[0]), int(size[1])
 
@@ -181,16 +196,18 @@ def list_content() -> list[str]:
 def builtin_texture(name: str = DEFAULT_TEXTURE, size=128) -> torch.Tensor:
     """A tileable texture drawn by code: (1, 3, H, W) float32 in [0, 1]; size: int or (H, W)."""
     if name not in TEXTURES:
-        raise ValueError(f"name: unknown texture {name!r}; built-in textures: "
-                         f"{', '.join(list_textures())}")
+        raise ValueError(
+            f"name: unknown texture {name!r}; built-in textures: {', '.join(list_textures())}"
+        )
     return _render(TEXTURES[name], size)
 
 
 def builtin_content(name: str = DEFAULT_CONTENT, size=128) -> torch.Tensor:
     """A content image for style transfer drawn by code: (1, 3, H, W) float32 in [0, 1]."""
     if name not in CONTENT:
-        raise ValueError(f"name: unknown content image {name!r}; built-in: "
-                         f"{', '.join(list_content())}")
+        raise ValueError(
+            f"name: unknown content image {name!r}; built-in: {', '.join(list_content())}"
+        )
     return _render(CONTENT[name], size)
 
 
@@ -206,13 +223,14 @@ def image_source(spec: str, size: int, what: str = "image", verbose: bool = True
 
     spec = str(spec)
     builtin = list_textures() + list_content()
-    name = spec[len(BUILTIN_PREFIX):] if spec.startswith(BUILTIN_PREFIX) else None
+    name = spec[len(BUILTIN_PREFIX) :] if spec.startswith(BUILTIN_PREFIX) else None
     if name is None and spec in builtin and not Path(spec).exists():
         name = spec
     if name is not None:
         if name not in builtin:
-            raise ImageError(f"{what}: unknown built-in image {name!r}; built-in: "
-                             f"{', '.join(builtin)}")
+            raise ImageError(
+                f"{what}: unknown built-in image {name!r}; built-in: {', '.join(builtin)}"
+            )
         return (builtin_texture if name in list_textures() else builtin_content)(name, size)
     try:
         return load_image(spec, size=size, verbose=verbose)

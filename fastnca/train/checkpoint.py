@@ -36,27 +36,31 @@ def load_file(path):
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except (zipfile.BadZipFile, EOFError) as e:
-        raise CheckpointError(f"{str(p)!r} is truncated or not a checkpoint "
-                              f"({type(e).__name__})") from None
+        raise CheckpointError(
+            f"{str(p)!r} is truncated or not a checkpoint ({type(e).__name__})"
+        ) from None
     except pickle.UnpicklingError as e:
         msg = str(e)
         i = max(msg.find("Unsupported global:"), msg.find("unsupported GLOBAL"))
         if i >= 0:  # a pickled class or function: refused by weights_only, never run
             what = msg[i:].splitlines()[0].split(" was not an allowed global")[0]
             what = what.split(" whose module")[0]
-            raise CheckpointError(f"{str(p)!r} holds unsafe content: objects other than tensors "
-                                  f"and plain data ({what[:100]}); refused, nothing was run") \
-                from None
+            raise CheckpointError(
+                f"{str(p)!r} holds unsafe content: objects other than tensors "
+                f"and plain data ({what[:100]}); refused, nothing was run"
+            ) from None
         raise CheckpointError(f"{str(p)!r} is truncated or not a torch checkpoint") from None
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"{str(p)!r} is truncated or not a torch checkpoint "
-                              f"({first[:120]})") from None
+        raise CheckpointError(
+            f"{str(p)!r} is truncated or not a torch checkpoint ({first[:120]})"
+        ) from None
     except OSError as e:
         raise CheckpointError(f"{str(p)!r} could not be read ({type(e).__name__}: {e})") from None
     except Exception as e:  # a damaged archive can fail anywhere in the unpickler (KeyError, ...)
-        raise CheckpointError(f"{str(p)!r} is truncated or not a torch checkpoint "
-                              f"({type(e).__name__})") from None
+        raise CheckpointError(
+            f"{str(p)!r} is truncated or not a torch checkpoint ({type(e).__name__})"
+        ) from None
 
 
 def get_rng_state() -> dict:
@@ -97,12 +101,17 @@ def restore(learn, state: dict, where) -> None:
     not fit this fit's objects is a ValueError naming ``where`` and the difference."""
     opt_class = state.get("opt_class")
     if learn.opt is not None and opt_class not in (None, type(learn.opt).__name__):
-        raise ValueError(f"checkpoint {where} was written with the {opt_class} optimiser but this "
-                         f"fit uses {type(learn.opt).__name__}; resume with the same optimiser "
-                         f"(opt_func) or start afresh")
+        raise ValueError(
+            f"checkpoint {where} was written with the {opt_class} optimiser but this "
+            f"fit uses {type(learn.opt).__name__}; resume with the same optimiser "
+            f"(opt_func) or start afresh"
+        )
     lenient = state.get("missing_ok", ())  # states of older formats that never saved these
-    objs = (("opt", learn.opt), ("sched", getattr(learn, "sched", None)),
-            ("scaler", getattr(learn, "scaler", None)))
+    objs = (
+        ("opt", learn.opt),
+        ("sched", getattr(learn, "sched", None)),
+        ("scaler", getattr(learn, "scaler", None)),
+    )
     for name, obj in objs:
         st = state.get(name)
         if st is None or obj is None:
@@ -110,10 +119,12 @@ def restore(learn, state: dict, where) -> None:
                 raise ValueError(
                     f"checkpoint {where} {'has no' if st is None else 'has a'} {name} state but "
                     f"this fit {'has' if st is None else 'has no'} one; resume with the same "
-                    f"callbacks (MixedPrecision, schedulers) as the run that wrote it")
+                    f"callbacks (MixedPrecision, schedulers) as the run that wrote it"
+                )
             continue
         try:
             obj.load_state_dict(st)
         except (ValueError, KeyError, RuntimeError, TypeError) as e:
-            raise ValueError(f"checkpoint {where}: its {name} state does not fit this fit's "
-                             f"{name}: {e}") from None
+            raise ValueError(
+                f"checkpoint {where}: its {name} state does not fit this fit's {name}: {e}"
+            ) from None

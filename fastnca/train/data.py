@@ -50,7 +50,7 @@ class MultDL:
     """
 
     def __init__(self, dl: Iterable, mult: int = 2):
-        check_int('mult', mult, 1)
+        check_int("mult", mult, 1)
         if not isinstance(dl, Iterable):
             raise TypeError(f"dl must be an iterable of batches, got {type(dl).__name__}")
         self.dl, self.mult = dl, mult
@@ -59,8 +59,9 @@ class MultDL:
         try:
             return len(self.dl) * self.mult
         except TypeError:
-            raise TypeError(f"MultDL has no length: its loader ({type(self.dl).__name__}) "
-                            "has none") from None
+            raise TypeError(
+                f"MultDL has no length: its loader ({type(self.dl).__name__}) has none"
+            ) from None
 
     def __iter__(self):
         for b in self.dl:
@@ -77,7 +78,7 @@ class LengthDataset(Dataset):
     no data (style transfer, NCA)."""
 
     def __init__(self, length: int = 1):
-        check_int('length', length, 0)
+        check_int("length", length, 0)
         self.length = length
 
     def __len__(self) -> int:
@@ -91,8 +92,10 @@ class LengthDataset(Dataset):
 
 def dummy_dls(n: int = 100, batch_size: int = 1) -> DataLoaders:
     """DataLoaders of ``n`` training batches and one validation batch of dummy items."""
-    return DataLoaders(DataLoader(LengthDataset(n * batch_size), batch_size=batch_size),
-                       DataLoader(LengthDataset(batch_size), batch_size=batch_size))
+    return DataLoaders(
+        DataLoader(LengthDataset(n * batch_size), batch_size=batch_size),
+        DataLoader(LengthDataset(batch_size), batch_size=batch_size),
+    )
 
 
 # ----- DDPM -----

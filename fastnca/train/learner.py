@@ -75,8 +75,9 @@ class DataLoaders:
 
     def __init__(self, *dls):
         if len(dls) < 2:
-            raise ValueError(f"DataLoaders needs a train and a valid loader, got {len(dls)} "
-                             "loader(s)")
+            raise ValueError(
+                f"DataLoaders needs a train and a valid loader, got {len(dls)} loader(s)"
+            )
         self.train, self.valid = dls[:2]
 
 
@@ -139,7 +140,7 @@ class with_cbs:
 
 
 def _n_inp_ok(n_inp) -> int:
-    check_int('n_inp', n_inp, 1)
+    check_int("n_inp", n_inp, 1)
     return n_inp
 
 
@@ -154,7 +155,7 @@ class TrainCB(Callback):
         learn.preds = learn.model(*learn.batch[: self.n_inp])
 
     def get_loss(self, learn):
-        learn.loss = learn.loss_func(learn.preds, *learn.batch[self.n_inp:])
+        learn.loss = learn.loss_func(learn.preds, *learn.batch[self.n_inp :])
 
     def backward(self, learn):
         if learn.accelerator is not None:
@@ -260,7 +261,12 @@ class Learner:
         if not callable(loss_func):
             raise TypeError(f"loss_func must be callable, got {type(loss_func).__name__}")
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = (
-            model, dls, loss_func, lr, opt_func)
+            model,
+            dls,
+            loss_func,
+            lr,
+            opt_func,
+        )
         self.cbs = self._check_cbs(cbs)
         self.opt = None
         self.scaler = None
@@ -273,8 +279,10 @@ class Learner:
         cbs = [] if cbs is None else [cbs] if isinstance(cbs, Callback) else list(cbs)
         for cb in cbs:
             if not isinstance(cb, Callback):
-                raise TypeError(f"cbs must hold fastnca.train.learner.Callback instances, got "
-                                f"{type(cb).__name__} (did you pass the class, not an instance?)")
+                raise TypeError(
+                    f"cbs must hold fastnca.train.learner.Callback instances, got "
+                    f"{type(cb).__name__} (did you pass the class, not an instance?)"
+                )
         return cbs
 
     # ----- the loop -----
@@ -315,7 +323,7 @@ class Learner:
 
     def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True, cbs=None, lr=None):
         """Train ``n_epochs``; ``cbs`` are added for this fit only; ``lr`` overrides ``self.lr``."""
-        check_int('n_epochs', n_epochs, 0)
+        check_int("n_epochs", n_epochs, 0)
         cbs = self._check_cbs(cbs)
         if not any(hasattr(cb, "predict") for cb in self.cbs + cbs):
             n_inp = next((cb.n_inp for cb in self.cbs + cbs if hasattr(cb, "n_inp")), 1)

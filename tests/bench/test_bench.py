@@ -31,13 +31,25 @@ def _pytest_json(medians: dict, group="perceive fwd (4, 12, 128, 128) float32 cp
         ei = {"variant": variant, "GB/s": 1.5} if variant == "fastnca" else {"variant": variant}
         if baseline:
             ei["baseline"] = baseline
-        out.append({"group": group, "name": f"test[{variant}]", "extra_info": ei,
-                    "stats": {"median": median, "rounds": 5}})
+        out.append(
+            {
+                "group": group,
+                "name": f"test[{variant}]",
+                "extra_info": ei,
+                "stats": {"median": median, "rounds": 5},
+            }
+        )
     return {"benchmarks": out}
 
 
-MEDIANS = {"lesson eager": 0.030, "lesson compiled": 0.020, "bmm eager": 0.025, "fastnca": 0.010,
-           "fastnca compiled": 0.015, "fastnca triton": 0.028}
+MEDIANS = {
+    "lesson eager": 0.030,
+    "lesson compiled": 0.020,
+    "bmm eager": 0.025,
+    "fastnca": 0.010,
+    "fastnca compiled": 0.015,
+    "fastnca triton": 0.028,
+}
 
 
 def test_rows_ratios_and_custom_baseline():
@@ -45,8 +57,11 @@ def test_rows_ratios_and_custom_baseline():
     assert [r.variant for r in rows] == list(MEDIANS)
     assert [round(r.ratio, 6) for r in rows] == [1.0, 1.5, 1.2, 3.0, 2.0, round(30 / 28, 6)]
     assert rows[3].extra == {"GB/s": 1.5} and rows[3].rounds == 5
-    strat = rows_from_pytest_json(_pytest_json(
-        {"fp32 eager": 2.0, "MixedPrecision bf16": 1.0}, group="ddpm", baseline="fp32 eager"))
+    strat = rows_from_pytest_json(
+        _pytest_json(
+            {"fp32 eager": 2.0, "MixedPrecision bf16": 1.0}, group="ddpm", baseline="fp32 eager"
+        )
+    )
     assert [r.ratio for r in strat] == [1.0, 2.0]
     # A group without its baseline variant has no ratio (and is never gated).
     alone = rows_from_pytest_json(_pytest_json({"fastnca": 1.0}))
@@ -72,8 +87,12 @@ def test_gate_fails_on_slowdown_and_passes_without():
     slow = rows_from_pytest_json(_pytest_json({**MEDIANS, "fastnca": 0.030}))
     res = gate.check_gate(slow, base)
     assert not res.ok and "FAILED" in res.lines[0]
-    assert any(line.startswith("  FAIL") and line.endswith("x recorded 3.00x, 1.0))")
-               and ":: fastnca:" in line for line in res.lines)
+    assert any(
+        line.startswith("  FAIL")
+        and line.endswith("x recorded 3.00x, 1.0))")
+        and ":: fastnca:" in line
+        for line in res.lines
+    )
     # A stricter fraction fails the noisy run.
     assert not gate.check_gate(noisy, base, fraction=0.9).ok
     # Blind spot 1: recorded rows missing from the run (renamed, deselected) fail, by name.
@@ -89,8 +108,10 @@ def test_gate_fails_on_slowdown_and_passes_without():
     slower = rows_from_pytest_json(_pytest_json({**MEDIANS, "fastnca": 0.040}))  # 0.75x
     res = gate.check_gate(slower, base, fraction=0.2)  # 0.2 x 3.0 = 0.6x would have passed
     assert not res.ok and any("needs >= 1.00x" in x and x.startswith("  FAIL") for x in res.lines)
-    assert any("fastnca triton: " in x and "below the gated minimum" in x
-               for x in gate.check_gate(rows, base).lines)
+    assert any(
+        "fastnca triton: " in x and "below the gated minimum" in x
+        for x in gate.check_gate(rows, base).lines
+    )
 
 
 def test_paired_speedup_preferred(monkeypatch):
@@ -101,6 +122,7 @@ def test_paired_speedup_preferred(monkeypatch):
         def run():
             order.append(name)
             clock[0] += cost
+
         return run
 
     monkeypatch.setattr(plugin.time, "perf_counter", lambda: clock[0])  # a clock the calls move
@@ -115,8 +137,10 @@ def test_paired_speedup_preferred(monkeypatch):
 
 
 def test_combine_runs_median_and_min():
-    runs = [rows_from_pytest_json(_pytest_json({**MEDIANS, "fastnca": m}))
-            for m in (0.010, 0.015, 0.006)]
+    runs = [
+        rows_from_pytest_json(_pytest_json({**MEDIANS, "fastnca": m}))
+        for m in (0.010, 0.015, 0.006)
+    ]
     rows = combine_runs(runs)
     fast = rows[3]
     assert fast.median_s == pytest.approx(0.010) and fast.ratio == pytest.approx(3.0)
@@ -147,11 +171,19 @@ def test_table_markdown_json_plot(tmp_path):
     rows = rows_from_pytest_json(_pytest_json(MEDIANS))
     table = bench_report.format_table(rows)
     assert "perceive fwd (4, 12, 128, 128) float32 cpu   [baseline: lesson eager]" in table
-    assert any(line.split()[:4] == ["fastnca", "10.00", "ms", "3.00x"] for line in
-               table.splitlines())
+    assert any(
+        line.split()[:4] == ["fastnca", "10.00", "ms", "3.00x"] for line in table.splitlines()
+    )
     assert "GB/s=1.5" in table
-    machine = {"cpu": "Test CPU", "cores": 2, "threads": 1, "torch": "2.x", "triton": "3.x",
-               "python": "3.x", "device": "cpu"}
+    machine = {
+        "cpu": "Test CPU",
+        "cores": 2,
+        "threads": 1,
+        "torch": "2.x",
+        "triton": "3.x",
+        "python": "3.x",
+        "device": "cpu",
+    }
     md = bench_report.format_markdown(rows, machine, "fastnca bench --quick")
     assert "`fastnca bench --quick`" in md and "Test CPU (2 cores, 1 torch threads)" in md
     assert "| lesson eager | 30.00 ms | 1.00x | (baseline) |" in md
@@ -189,8 +221,9 @@ def test_cli_errors(capsys, monkeypatch, tmp_path):
     _one_line_error(capsys, ["--repeat", "0"], "--repeat: expected a positive integer, got '0'")
     _one_line_error(capsys, ["--threads", "0"], "--threads: expected a positive integer, got '0'")
     _one_line_error(capsys, ["--compare", "nosuch"], "no run saved as 'nosuch'")
-    _one_line_error(capsys, ["--gate", "--baseline", "missing.json"],
-                    "no baseline file missing.json")
+    _one_line_error(
+        capsys, ["--gate", "--baseline", "missing.json"], "no baseline file missing.json"
+    )
     _one_line_error(capsys, ["--bench-dir", str(tmp_path)], "benchmark suites not found")
     (tmp_path / "bad.json").write_text('{"speedups": {"x :: fastnca": "fast"}}')
     _one_line_error(capsys, ["--gate", "--baseline", "bad.json"], "--gate: baseline bad.json")
@@ -200,7 +233,7 @@ def test_cli_errors(capsys, monkeypatch, tmp_path):
     _one_line_error(capsys, ["--device", "cuda"], "CUDA is not available on this machine")
 
 
-FAKE_SUITE = '''
+FAKE_SUITE = """
 import time
 
 import pytest
@@ -215,7 +248,7 @@ def test_fake(benchmark, variant, size):
     benchmark.group = f"fake op {size}"
     benchmark.extra_info["variant"] = variant
     benchmark.pedantic(time.sleep, args=(DELAY[variant],), rounds=9, iterations=1)
-'''
+"""
 
 
 @pytest.fixture
@@ -232,8 +265,18 @@ def fake_suite(tmp_path, monkeypatch):
 
 def test_real_run_gate_and_compare(fake_suite, tmp_path, capsys, monkeypatch):
     """Record a baseline + saved run, pass the gate, then fail both layers on a 4x slowdown."""
-    common = ["bench", "--bench-dir", str(fake_suite), "--quick", "--suite", "ops",
-              "--device", "cpu", "--baseline", "base.json"]
+    common = [
+        "bench",
+        "--bench-dir",
+        str(fake_suite),
+        "--quick",
+        "--suite",
+        "ops",
+        "--device",
+        "cpu",
+        "--baseline",
+        "base.json",
+    ]
     argv = [*common, "--write-baseline", "--repeat", "2", "--save", "ref", "--json", "a.json"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -259,7 +302,9 @@ def test_real_run_gate_and_compare(fake_suite, tmp_path, capsys, monkeypatch):
     rc = main([*common, "--gate", "--compare", "ref", "--fail-above", "150", "--json", "b.json"])
     out = capsys.readouterr().out
     assert rc == 1
-    assert "ratio gate: FAILED (0/1 recorded rows" in out and "FAIL  fake op small :: fastnca" in out
+    assert (
+        "ratio gate: FAILED (0/1 recorded rows" in out and "FAIL  fake op small :: fastnca" in out
+    )
     assert "Performance has regressed" in out  # pytest-benchmark's median:150% check
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["gate"]["ok"] is False

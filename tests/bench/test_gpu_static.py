@@ -1,5 +1,6 @@
-"""fastnca.bench.gpu_static: what the launchers record, the occupancy/roofline arithmetic, and the CI gate
-failing on an injected spilling configuration (compiled for sm_80 with the ptxas of the wheel)."""
+"""fastnca.bench.gpu_static: what the launchers record, the occupancy/roofline arithmetic, and
+the CI gate failing on an injected spilling configuration (compiled for sm_80 with the ptxas of
+the wheel)."""
 
 import os
 import subprocess

@@ -12,9 +12,27 @@ from fastnca.cli import main
 from fastnca.nca.checkpoint import load_checkpoint, save_checkpoint
 from fastnca.nca.model import NCA
 
-TINY = ["--size", "16", "--channels", "4", "--hidden", "8", "--pool", "4", "--batch", "2",
-        "--min-steps", "2", "--max-steps", "4", "--weights", "random", "--no-progress",
-        "--gif-frames", "2"]
+TINY = [
+    "--size",
+    "16",
+    "--channels",
+    "4",
+    "--hidden",
+    "8",
+    "--pool",
+    "4",
+    "--batch",
+    "2",
+    "--min-steps",
+    "2",
+    "--max-steps",
+    "4",
+    "--weights",
+    "random",
+    "--no-progress",
+    "--gif-frames",
+    "2",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -38,15 +56,27 @@ def run_dir(tmp_path_factory):
 
 
 def test_train_writes_the_run_dir_and_resume_continues(run_dir, capsys):
-    for name in ("config.json", "checkpoint.pt", "style.png", "pool.png", "loss.png",
-                 "growth.gif"):
+    for name in ("config.json", "checkpoint.pt", "style.png", "pool.png", "loss.png", "growth.gif"):
         assert (run_dir / name).is_file(), name
     ck = load_checkpoint(run_dir)
     assert ck.iteration == 2 and len(ck.losses) == 2
     assert ck.config["channels"] == 4 and ck.config["hidden"] == 8
     first = ck.losses
-    assert main(["train", "--resume", str(run_dir), "--iters", "3", "--no-progress",
-                 "--gif-frames", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(run_dir),
+                "--iters",
+                "3",
+                "--no-progress",
+                "--gif-frames",
+                "1",
+            ]
+        )
+        == 0
+    )
     ck = load_checkpoint(run_dir)
     assert ck.iteration == 3 and ck.losses[:2] == first
     assert "fastnca train: 1 iterations in" in _err(capsys)
@@ -60,40 +90,78 @@ def test_render_cli_frames_and_sizes(run_dir, tmp_path):
         m.w2.weight.normal_(0, 0.3)
     save_checkpoint(tmp_path / "lively.pt", m)
     out = tmp_path / "g.gif"
-    assert main(["render", str(tmp_path / "lively.pt"), "-o", str(out), "--size", "12x20",
-                 "--frames", "3", "--steps-per-frame", "2", "--scale", "2"]) == 0
+    assert (
+        main(
+            [
+                "render",
+                str(tmp_path / "lively.pt"),
+                "-o",
+                str(out),
+                "--size",
+                "12x20",
+                "--frames",
+                "3",
+                "--steps-per-frame",
+                "2",
+                "--scale",
+                "2",
+            ]
+        )
+        == 0
+    )
     with Image.open(out) as im:
         assert im.n_frames == 3 and im.size == (40, 24)
     with Image.open(tmp_path / "g.png") as im:
         assert im.size == (40, 24)
-    assert main(["render", str(tmp_path / "lively.pt"), "-o", str(out), "--steps", "6",
-                 "--size", "8"]) == 0
+    assert (
+        main(["render", str(tmp_path / "lively.pt"), "-o", str(out), "--steps", "6", "--size", "8"])
+        == 0
+    )
     with Image.open(out) as im:
         assert im.n_frames == 6 and im.size[0] >= 256  # default: upscaled to >= 256 px
     assert main(["render", str(run_dir), "-o", str(out), "--frames", "2", "--size", "9"]) == 0
 
 
-@pytest.mark.parametrize("args, words", [
-    (["train", "-o", "{tmp}/r", "--size", "0"], "size: expected a positive int"),
-    (["train", "-o", "{tmp}/r", "--min-steps", "9", "--max-steps", "3"], "min_steps (9) >"),
-    (["train", "-o", "{tmp}/r", "--pool", "2", "--batch", "4"], "pool (2) is smaller than batch"),
-    (["train", "-o", "{tmp}/r", "--preset", "huge"], "preset: expected one of"),
-    (["train", "-o", "{tmp}/r", "--loss", "l1"], "loss: expected one of gram, swd"),
-    (["train", "{tmp}/missing.png", "-o", "{tmp}/r"], "no such file"),
-    (["train", "{tmp}/notes.txt", "-o", "{tmp}/r"], "is not an image file"),
-    (["train", "{tmp}", "-o", "{tmp}/r"], "is a directory"),
-    (["train"], "give -o RUN_DIR"),
-    (["train", "--resume", "{tmp}"], "is not a run directory"),
-    (["train", "-o", "{tmp}/r", "--iters", "abc"], "expected a number, got 'abc'"),
-    (["train", "-o", "{tmp}/r", "--threads", "0"], "--threads: expected a positive int"),
-    (["render", "{tmp}/notes.txt", "-o", "{tmp}/a.gif"], "truncated or not a torch checkpoint"),
-    (["render", "{tmp}", "-o", "{tmp}/a.gif"], "not a run directory"),
-    (["render", "{tmp}/nope.pt", "-o", "{tmp}/a.gif"], "no such checkpoint"),
-    (["render", "{tmp}", "-o", "{tmp}/a.avi"], ".gif or .mp4"),
-    (["render", "{tmp}", "-o", "{tmp}/a.gif", "--size", "0x4"], "--size"),
-    (["render", "{tmp}", "-o", "{tmp}/a.gif", "--steps", "6", "--frames", "2",
-      "--steps-per-frame", "2"], "give two of the three"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["train", "-o", "{tmp}/r", "--size", "0"], "size: expected a positive int"),
+        (["train", "-o", "{tmp}/r", "--min-steps", "9", "--max-steps", "3"], "min_steps (9) >"),
+        (
+            ["train", "-o", "{tmp}/r", "--pool", "2", "--batch", "4"],
+            "pool (2) is smaller than batch",
+        ),
+        (["train", "-o", "{tmp}/r", "--preset", "huge"], "preset: expected one of"),
+        (["train", "-o", "{tmp}/r", "--loss", "l1"], "loss: expected one of gram, swd"),
+        (["train", "{tmp}/missing.png", "-o", "{tmp}/r"], "no such file"),
+        (["train", "{tmp}/notes.txt", "-o", "{tmp}/r"], "is not an image file"),
+        (["train", "{tmp}", "-o", "{tmp}/r"], "is a directory"),
+        (["train"], "give -o RUN_DIR"),
+        (["train", "--resume", "{tmp}"], "is not a run directory"),
+        (["train", "-o", "{tmp}/r", "--iters", "abc"], "expected a number, got 'abc'"),
+        (["train", "-o", "{tmp}/r", "--threads", "0"], "--threads: expected a positive int"),
+        (["render", "{tmp}/notes.txt", "-o", "{tmp}/a.gif"], "truncated or not a torch checkpoint"),
+        (["render", "{tmp}", "-o", "{tmp}/a.gif"], "not a run directory"),
+        (["render", "{tmp}/nope.pt", "-o", "{tmp}/a.gif"], "no such checkpoint"),
+        (["render", "{tmp}", "-o", "{tmp}/a.avi"], ".gif or .mp4"),
+        (["render", "{tmp}", "-o", "{tmp}/a.gif", "--size", "0x4"], "--size"),
+        (
+            [
+                "render",
+                "{tmp}",
+                "-o",
+                "{tmp}/a.gif",
+                "--steps",
+                "6",
+                "--frames",
+                "2",
+                "--steps-per-frame",
+                "2",
+            ],
+            "give two of the three",
+        ),
+    ],
+)
 def test_errors_are_one_line_exit_2(args, words, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not an image\n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
@@ -122,10 +190,26 @@ def test_failing_runs_leave_a_good_checkpoint_alone(run_dir, tmp_path, capsys, m
 
 def test_subprocess_exit_code_2_without_traceback(tmp_path):
     env = dict(os.environ, FASTNCA_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "fastnca", "train", "-o", str(tmp_path / "r"),
-                        "--min-steps", "5", "--max-steps", "2"],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastnca",
+            "train",
+            "-o",
+            str(tmp_path / "r"),
+            "--min-steps",
+            "5",
+            "--max-steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        "fastnca train: error: min_steps (5) > max_steps (2); expected min_steps <= max_steps"]
+        "fastnca train: error: min_steps (5) > max_steps (2); expected min_steps <= max_steps"
+    ]

@@ -120,15 +120,24 @@ def _sched(T):
 def test_sampler_recovers_a_point_mass_exactly():
     sched = _sched(50)
     x_star = torch.rand(1, 1, 4, 4) * 2 - 1
-    out = ddpm_sample(Oracle(sched, x_star=x_star), (3, 1, 4, 4), sched,
-                      generator=torch.Generator().manual_seed(0))
+    out = ddpm_sample(
+        Oracle(sched, x_star=x_star),
+        (3, 1, 4, 4),
+        sched,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(out, x_star.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
 
 
 def test_sampler_reproduces_a_gaussian():
     sched, s = _sched(200), 0.5
-    xs = ddpm_sample(Oracle(sched, s=s), (8000, 1, 1, 1), sched, return_all=True,
-                     generator=torch.Generator().manual_seed(0))
+    xs = ddpm_sample(
+        Oracle(sched, s=s),
+        (8000, 1, 1, 1),
+        sched,
+        return_all=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len(xs) == 200
     assert xs[0].std().item() == pytest.approx(1.0, rel=0.05)  # starts from noise
     assert xs[-1].mean().item() == pytest.approx(0.0, abs=0.03)
@@ -141,8 +150,14 @@ def test_unet_learns_on_synthetic_data():
     ds = SyntheticShapes(96, size=8)
     dl = ddpm_dataloader(ds, 16, alphabar=sched.alphabar, shuffle=False)
     m = MetricsCB()
-    learn = Learner(UNet(nfs=(8, 16)), DataLoaders(dl, dl), F.mse_loss, lr=3e-3, cbs=[m],
-                    opt_func=torch.optim.Adam)
+    learn = Learner(
+        UNet(nfs=(8, 16)),
+        DataLoaders(dl, dl),
+        F.mse_loss,
+        lr=3e-3,
+        cbs=[m],
+        opt_func=torch.optim.Adam,
+    )
     learn.fit(4, valid=False)
     assert m.log[-1]["loss"] < 0.75 * m.log[0]["loss"], m.log
     out = ddpm_sample(learn.model, (2, 1, 8, 8), sched, clip=1.0)

@@ -1,4 +1,5 @@
-"""Every Triton op on a real GPU against fastnca.reference: run by tests/gpu/test_cuda.py and benchmarks/gpu_check.sh.
+"""Every Triton op on a real GPU against fastnca.reference (run by tests/gpu/test_cuda.py and
+benchmarks/gpu_check.sh).
 
 tests/ runs the kernels through the Triton interpreter on CPU; this file runs them compiled, on
 CUDA (TRITON_INTERPRET unset), with what the interpreter cannot do: ``opcheck`` with all its
@@ -35,14 +36,22 @@ from fastnca.reference import (
 DEVICE = torch.device(os.environ.get("FASTNCA_TEST_DEVICE", "cuda"))
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
-    pytest.fail("tests/gpu/cuda_kernels.py needs CUDA (or FASTNCA_TEST_DEVICE=cpu with "
-                "TRITON_INTERPRET=1 for a dry run)", pytrace=False)
+    pytest.fail(
+        "tests/gpu/cuda_kernels.py needs CUDA (or FASTNCA_TEST_DEVICE=cpu with "
+        "TRITON_INTERPRET=1 for a dry run)",
+        pytrace=False,
+    )
 if DEVICE.type == "cpu" and not INTERPRETED:
     pytest.fail("FASTNCA_TEST_DEVICE=cpu needs TRITON_INTERPRET=1", pytrace=False)
 
 ON_GPU = DEVICE.type == "cuda"
-ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
-             "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
+ALL_UTILS = (
+    "test_schema",
+    "test_autograd_registration",
+    "test_faketensor",
+    "test_aot_dispatch_static",
+    "test_aot_dispatch_dynamic",
+)
 UTILS = ALL_UTILS if ON_GPU else ALL_UTILS[:3]
 F64 = torch.float64
 HALF = (torch.float16, torch.bfloat16)
@@ -55,14 +64,17 @@ TOL = {
 }
 # Odd shapes with ragged tiles and the circular wrap on every edge; on the GPU also a large one.
 PERCEIVE_SHAPES = [(2, 3, 37, 70), (1, 2, 1, 1), (2, 1, 19, 3)] + (
-    [(4, 16, 128, 129)] if ON_GPU else [])
+    [(4, 16, 128, 129)] if ON_GPU else []
+)
 # (B, C, H, W): ragged 16/64-wide tiles; on the GPU also VGG-like few-tile, long-N (split-K) layers.
 GRAM_SHAPES = [(2, 3, 5, 7), (2, 37, 9, 11)] + (
-    [(2, 64, 128, 128), (1, 130, 33, 31), (3, 256, 32, 32)] if ON_GPU else [])
+    [(2, 64, 128, 128), (1, 130, 33, 31), (3, 256, 32, 32)] if ON_GPU else []
+)
 # (B, C, H, W, hidden): odd channel/hidden counts, ragged 64-cell tiles; on the GPU the texture
 # preset's (4, 12, 128, 128) x 96 hidden and a wide one.
 NCA_SHAPES = [(2, 3, 5, 7, 10), (1, 12, 9, 13, 96)] + (
-    [(4, 12, 128, 128, 96), (2, 16, 33, 65, 128)] if ON_GPU else [])
+    [(4, 12, 128, 128, 96), (2, 16, 33, 65, 128)] if ON_GPU else []
+)
 
 
 @pytest.fixture(autouse=True)
@@ -166,8 +178,9 @@ def test_gram_kernels(shape, dtype):
 def test_gram_tf32_default_precision():
     torch.set_float32_matmul_precision("high")
     f = torch.randn(2, 64, 48, 48, device=DEVICE)
-    torch.testing.assert_close(gram(f).double().cpu(), gram_ref(f.double().cpu()),
-                               atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(
+        gram(f).double().cpu(), gram_ref(f.double().cpu()), atol=5e-3, rtol=5e-3
+    )
 
 
 def test_gram_style_registered_ops_autograd_and_opcheck():
@@ -190,8 +203,11 @@ def test_gram_style_registered_ops_autograd_and_opcheck():
     opcheck(torch.ops.fastnca.gram.default, (fx,), test_utils=UTILS)
     opcheck(torch.ops.fastnca.gram_backward.default, (dg, f.detach()), test_utils=UTILS)
     opcheck(torch.ops.fastnca.style_loss.default, (fx, t, True), test_utils=UTILS)
-    opcheck(torch.ops.fastnca.style_loss_backward.default,
-            (torch.tensor(1.0, device=DEVICE), res, f.detach()), test_utils=UTILS)
+    opcheck(
+        torch.ops.fastnca.style_loss_backward.default,
+        (torch.tensor(1.0, device=DEVICE), res, f.detach()),
+        test_utils=UTILS,
+    )
 
 
 def test_style_loss_compile_fullgraph():
@@ -222,10 +238,15 @@ def nca_args(B, C, H, W, hidden, dtype=torch.float32, b2=True):
     """Step arguments on DEVICE: state in ``dtype``, float32 weights, a bool mask (60 % fire)."""
     g = torch.Generator().manual_seed(B * 1000 + C * 100 + H + W + hidden)
     r = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE)
-    return dict(x=r(B, C, H, W).to(dtype), w1=r(hidden, 4 * C, scale=0.3), b1=r(hidden),
-                w2=r(C, hidden, scale=0.3), b2=r(C) if b2 else None,
-                mask=(torch.rand(B, 1, H, W, generator=g) < 0.6).to(DEVICE),
-                filters=DEFAULT_FILTERS.to(DEVICE))
+    return dict(
+        x=r(B, C, H, W).to(dtype),
+        w1=r(hidden, 4 * C, scale=0.3),
+        b1=r(hidden),
+        w2=r(C, hidden, scale=0.3),
+        b2=r(C) if b2 else None,
+        mask=(torch.rand(B, 1, H, W, generator=g) < 0.6).to(DEVICE),
+        filters=DEFAULT_FILTERS.to(DEVICE),
+    )
 
 
 NCA_LEAVES = ("x", "w1", "b1", "w2", "b2")
@@ -233,8 +254,10 @@ NCA_LEAVES = ("x", "w1", "b1", "w2", "b2")
 
 def nca_ref(a, grad):
     """nca_step_ref output and gradients (x, w1, b1, w2, b2) in float64 on the CPU."""
-    leaves = {k: None if a[k] is None else a[k].detach().double().cpu().requires_grad_()
-              for k in NCA_LEAVES}
+    leaves = {
+        k: None if a[k] is None else a[k].detach().double().cpu().requires_grad_()
+        for k in NCA_LEAVES
+    }
     out = nca_step_ref(**leaves, mask=a["mask"].cpu().double(), filters=DEFAULT_FILTERS.double())
     out.backward(grad.double().cpu())
     return out.detach(), [None if t is None else t.grad for t in leaves.values()]
@@ -269,12 +292,17 @@ def test_nca_step_registered_op_autograd_and_opcheck():
     for t, ref in zip(leaves, wgrads, strict=True):
         close(t.grad, ref, torch.float32)
     fresh = [t.detach().requires_grad_() for t in leaves]
-    opcheck(torch.ops.fastnca.nca_step.default, (*fresh, a["mask"], a["filters"]),
-            test_utils=UTILS)
-    opcheck(torch.ops.fastnca.nca_step.default, (*fresh[:4], None, a["mask"], a["filters"]),
-            test_utils=UTILS)
-    opcheck(torch.ops.fastnca.nca_step_backward.default,
-            (g, *[a[k] for k in NCA_LEAVES[:4]], a["mask"], a["filters"]), test_utils=UTILS)
+    opcheck(torch.ops.fastnca.nca_step.default, (*fresh, a["mask"], a["filters"]), test_utils=UTILS)
+    opcheck(
+        torch.ops.fastnca.nca_step.default,
+        (*fresh[:4], None, a["mask"], a["filters"]),
+        test_utils=UTILS,
+    )
+    opcheck(
+        torch.ops.fastnca.nca_step_backward.default,
+        (g, *[a[k] for k in NCA_LEAVES[:4]], a["mask"], a["filters"]),
+        test_utils=UTILS,
+    )
 
 
 def test_nca_step_rollout_compile_fullgraph():

@@ -21,7 +21,17 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 def test_cuda_kernels_compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "pytest", str(HERE / "cuda_kernels.py"), "-q", "-x",
-           "--confcutdir", str(HERE), "-p", "no:cacheprovider"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(HERE / "cuda_kernels.py"),
+        "-q",
+        "-x",
+        "--confcutdir",
+        str(HERE),
+        "-p",
+        "no:cacheprovider",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]

@@ -40,8 +40,11 @@ def _same_rollout(a, b, size=(6, 9), steps=3):
 
 def test_round_trip_file_and_run_dir(tmp_path):
     m = _model()
-    train = {"step": 3, "rng": {"torch": torch.get_rng_state()},
-             "extra": {"iteration": 3, "losses": [1.0, 0.5, 0.25]}}
+    train = {
+        "step": 3,
+        "rng": {"torch": torch.get_rng_state()},
+        "extra": {"iteration": 3, "losses": [1.0, 0.5, 0.25]},
+    }
     path = save_checkpoint(tmp_path / "run" / "checkpoint.pt", m, {"preset": "texture"}, train)
     for where in (path, tmp_path / "run"):
         ck = load_checkpoint(where)
@@ -128,8 +131,11 @@ def test_version_missing_and_not_a_run_dir(tmp_path):
 def test_lesson_state_dict_import(tmp_path):
     # The lesson's SimpleCA: w1 = Conv2d(4*4, 8, 1), w2 = Conv2d(8, 4, 1, bias=False).
     torch.manual_seed(2)
-    sd = {"w1.weight": torch.randn(8, 16, 1, 1), "w1.bias": torch.randn(8),
-          "w2.weight": torch.randn(4, 8, 1, 1)}
+    sd = {
+        "w1.weight": torch.randn(8, 16, 1, 1),
+        "w1.bias": torch.randn(8),
+        "w2.weight": torch.randn(4, 8, 1, 1),
+    }
     torch.save(sd, tmp_path / "lesson.pt")
     ck = load_checkpoint(tmp_path / "lesson.pt")
     assert ck.source == "lesson"
@@ -140,7 +146,8 @@ def test_lesson_state_dict_import(tmp_path):
     x = torch.randn(1, 4, 5, 6)
     p = torch.nn.functional.conv2d(
         torch.nn.functional.pad(x.reshape(4, 1, 5, 6), (1, 1, 1, 1), "circular"),
-        DEFAULT_FILTERS[:, None]).reshape(1, 16, 5, 6)
+        DEFAULT_FILTERS[:, None],
+    ).reshape(1, 16, 5, 6)
     h = torch.relu(torch.nn.functional.conv2d(p, sd["w1.weight"], sd["w1.bias"]))
     want = x + torch.nn.functional.conv2d(h, sd["w2.weight"])
     m.fire_rate = 1.0
@@ -162,8 +169,10 @@ def test_step_options_and_display_round_trip(tmp_path):
     from fastnca.nca.distill import import_distill, save_distill
 
     data = Path(__file__).resolve().parents[1] / "data"
-    models = {**import_distill(data / "ex3_1f98e_lizard.json"),
-              **dict(list(import_distill(data / "textures_subset.json").items())[:1])}
+    models = {
+        **import_distill(data / "ex3_1f98e_lizard.json"),
+        **dict(list(import_distill(data / "textures_subset.json").items())[:1]),
+    }
     for path, (name, m) in zip(save_distill(models, tmp_path), models.items(), strict=True):
         back = load_nca(path)
         assert back.step_options() == m.step_options() and back.display == m.display, name

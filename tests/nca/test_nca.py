@@ -34,8 +34,10 @@ def test_forward_is_repeated_steps_and_lesson_drop_in():
     x0 = torch.randn(2, 4, 11, 6, dtype=torch.float64) * 0.3
     # Same seed -> same masks (the lesson's (rand + rate).floor()) -> same rollout and gradients.
     grads = []
-    for model, run in ((lesson, lambda x: [x := lesson(x) for _ in range(12)][-1]),
-                       (m, lambda x: m(x, steps=12))):
+    for model, run in (
+        (lesson, lambda x: [x := lesson(x) for _ in range(12)][-1]),
+        (m, lambda x: m(x, steps=12)),
+    ):
         torch.manual_seed(5)
         x = x0.clone().requires_grad_()
         out = run(x)
@@ -55,10 +57,18 @@ def test_from_lesson_state_dict():
     sd = LessonCA(6, 10, zero_w2=False).state_dict()
     m = NCA.from_lesson_state_dict(sd, fire_rate=0.3)
     assert (m.channels, m.hidden, m.fire_rate, m.w1.bias is not None, m.w2.bias) == (
-        6, 10, 0.3, True, None)
+        6,
+        10,
+        0.3,
+        True,
+        None,
+    )
     torch.testing.assert_close(m.w1.weight, sd["w1.weight"])
-    flat = {"w1.weight": sd["w1.weight"].flatten(1), "w2.weight": sd["w2.weight"].flatten(1),
-            "w2.bias": torch.zeros(6)}  # 2-D (linear) weights, no w1 bias, a w2 bias
+    flat = {
+        "w1.weight": sd["w1.weight"].flatten(1),
+        "w2.weight": sd["w2.weight"].flatten(1),
+        "w2.bias": torch.zeros(6),
+    }  # 2-D (linear) weights, no w1 bias, a w2 bias
     m2 = NCA.from_lesson_state_dict(flat, filters=DISTILL_FILTERS)
     assert m2.w1.bias is None and m2.w2.bias is not None
     torch.testing.assert_close(m2.w2.weight.flatten(1), flat["w2.weight"])

@@ -14,8 +14,19 @@ from fastnca.nca.recipe import NCACB, TextureLoss, TrainingDiverged, training_rg
 from fastnca.nca.run import train_texture
 
 # Tiny runs: 16x16 grids, few steps, random (offline) features at two layers.
-TINY = dict(size=16, channels=4, hidden=12, pool=6, batch=2, min_steps=3, max_steps=6,
-            weights="random", layers=(1, 6), seed_every=2, save_every=0)
+TINY = dict(
+    size=16,
+    channels=4,
+    hidden=12,
+    pool=6,
+    batch=2,
+    min_steps=3,
+    max_steps=6,
+    weights="random",
+    layers=(1, 6),
+    seed_every=2,
+    save_every=0,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -26,9 +37,19 @@ def _offline(monkeypatch):
 def test_presets_reproduce_lesson_and_distill_numbers():
     lesson, tex = make_config("lesson"), make_config("texture")
     assert (lesson.channels, lesson.hidden, lesson.pool, lesson.size, lesson.batch) == (
-        4, 8, 256, 256, 4)
+        4,
+        8,
+        256,
+        256,
+        4,
+    )
     assert (lesson.min_steps, lesson.max_steps, lesson.style_weight, lesson.lr, lesson.iters) == (
-        32, 96, 0.1, 1e-3, 1200)
+        32,
+        96,
+        0.1,
+        1e-3,
+        1200,
+    )
     assert lesson.seed_prob == 1 / 8 and lesson.lr_milestones == ()  # reseed 1 in 8, constant lr
     assert (tex.channels, tex.hidden, tex.pool, tex.size, tex.batch) == (12, 96, 256, 128, 4)
     assert (tex.min_steps, tex.max_steps, tex.lr, tex.iters) == (32, 96, 1e-3, 4000)
@@ -39,13 +60,21 @@ def test_presets_reproduce_lesson_and_distill_numbers():
     assert make_config("texture", size=64, lr=None).size == 64  # None = keep the preset's
 
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(size=0), "size"), (dict(batch=-1), "batch"), (dict(iters=0), "iters"),
-    (dict(min_steps=10, max_steps=5), "min_steps (10) > max_steps (5)"),
-    (dict(pool=2, batch=4), "pool (2) is smaller than batch (4)"),
-    (dict(loss="l2"), "loss"), (dict(amp="fp8"), "amp"), (dict(lr=0.0), "lr"),
-    (dict(size=2.5), "size"), (dict(seed_prob=2.0), "seed_prob"),
-])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(size=0), "size"),
+        (dict(batch=-1), "batch"),
+        (dict(iters=0), "iters"),
+        (dict(min_steps=10, max_steps=5), "min_steps (10) > max_steps (5)"),
+        (dict(pool=2, batch=4), "pool (2) is smaller than batch (4)"),
+        (dict(loss="l2"), "loss"),
+        (dict(amp="fp8"), "amp"),
+        (dict(lr=0.0), "lr"),
+        (dict(size=2.5), "size"),
+        (dict(seed_prob=2.0), "seed_prob"),
+    ],
+)
 def test_config_errors_name_the_argument(kw, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         make_config("quick", **kw)
@@ -85,8 +114,7 @@ def _learner(model, loss_func=lambda rgb: rgb.mean()):
 
 def test_pool_sampled_without_replacement_and_written_back():
     model = CountingNCA()
-    cb = NCACB(pool=8, size=3, batch=5, min_steps=2, max_steps=7, seed_every=0,
-               seed_prob=0.0)
+    cb = NCACB(pool=8, size=3, batch=5, min_steps=2, max_steps=7, seed_every=0, seed_prob=0.0)
     learn = _learner(model)
     cb.before_fit(learn)
     before = cb.pool.clone()
@@ -99,8 +127,9 @@ def test_pool_sampled_without_replacement_and_written_back():
         rest = torch.ones(8, dtype=torch.bool)
         rest[idx] = False
         torch.testing.assert_close(cb.pool[rest], before[rest])  # others untouched
-        torch.testing.assert_close(learn.preds - before[idx],
-                                   torch.full_like(learn.preds, cb.last_steps))
+        torch.testing.assert_close(
+            learn.preds - before[idx], torch.full_like(learn.preds, cb.last_steps)
+        )
         assert 2 <= cb.last_steps < 7
         seen_steps.add(cb.last_steps)
         before = cb.pool.clone()
@@ -112,8 +141,7 @@ def test_pool_sampled_without_replacement_and_written_back():
 
 def test_reseed_every_k_iterations_puts_a_seed_grid_first():
     model = CountingNCA()
-    cb = NCACB(pool=6, size=3, batch=3, min_steps=1, max_steps=2, seed_every=3,
-               seed_prob=0.0)
+    cb = NCACB(pool=6, size=3, batch=3, min_steps=1, max_steps=2, seed_every=3, seed_prob=0.0)
     learn = _learner(model)
     cb.before_fit(learn)
     starts = []
@@ -129,8 +157,7 @@ def test_reseed_every_k_iterations_puts_a_seed_grid_first():
 
 
 def test_reseed_probability_rate():
-    cb = NCACB(pool=4, size=2, batch=1, min_steps=1, max_steps=1, seed_every=0,
-               seed_prob=0.25)
+    cb = NCACB(pool=4, size=2, batch=1, min_steps=1, max_steps=1, seed_every=0, seed_prob=0.25)
     n = 2000
     hits = sum(cb.reseed_due() for _ in range(n))
     assert abs(hits / n - 0.25) < 4 * (0.25 * 0.75 / n) ** 0.5
@@ -142,8 +169,15 @@ def test_loss_is_overflow_plus_weighted_style(normalise):
     over = overflow_loss(x, normalise=normalise)
     want = torch.tensor(3.5 / 5 if normalise else 3.5)  # |-3+1| + |2.5-1|
     torch.testing.assert_close(over, want)
-    cb = NCACB(pool=4, size=1, batch=1, min_steps=1, max_steps=1, style_weight=0.25,
-               overflow_normalise=normalise)
+    cb = NCACB(
+        pool=4,
+        size=1,
+        batch=1,
+        min_steps=1,
+        max_steps=1,
+        style_weight=0.25,
+        overflow_normalise=normalise,
+    )
     model = CountingNCA(channels=5)
     learn = _learner(model, loss_func=lambda rgb: torch.tensor(8.0))
     learn.preds = x
@@ -180,17 +214,25 @@ def test_a_few_iterations_lower_the_loss(tmp_path):
     torch.manual_seed(cfg.seed)
     fresh = build_model(cfg)
     style, _ = resolve_style(None, 16, cfg.texture)
-    loss_func = TextureLoss(style, VGG16Features((1, 6), weights="random", verbose=False),
-                            relative=cfg.relative_style)  # the training objective
-    res = train_texture(None, tmp_path / "run", "quick", progress=False, gif_frames=2,
-                        gif_steps_per_frame=2, **dict(TINY, iters=8, lr=1e-2))
+    loss_func = TextureLoss(
+        style, VGG16Features((1, 6), weights="random", verbose=False), relative=cfg.relative_style
+    )  # the training objective
+    res = train_texture(
+        None,
+        tmp_path / "run",
+        "quick",
+        progress=False,
+        gif_frames=2,
+        gif_steps_per_frame=2,
+        **dict(TINY, iters=8, lr=1e-2),
+    )
     assert len(res.losses) == 8 and all(torch.isfinite(torch.tensor(res.losses)))
     assert _eval_loss(res.model, loss_func) < 0.9 * _eval_loss(fresh, loss_func)
-    for name in ("config.json", "checkpoint.pt", "style.png", "pool.png", "loss.png",
-                 "growth.gif"):
+    for name in ("config.json", "checkpoint.pt", "style.png", "pool.png", "loss.png", "growth.gif"):
         assert (tmp_path / "run" / name).stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == [
-        ".lock"]  # no temp file left
+        ".lock"
+    ]  # no temp file left
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path):
@@ -198,8 +240,9 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     straight = train_texture(None, tmp_path / "a", "quick", **dict(kw, iters=4)).losses
     first = train_texture(None, tmp_path / "b", "quick", **dict(kw, iters=2)).losses
     assert first == straight[:2]
-    resumed = train_texture(resume=tmp_path / "b", iters=4, progress=False, gif_frames=1,
-                            gif_steps_per_frame=1)
+    resumed = train_texture(
+        resume=tmp_path / "b", iters=4, progress=False, gif_frames=1, gif_steps_per_frame=1
+    )
     assert len(resumed.losses) == 4
     assert resumed.losses == straight  # bit-identical: pool, optimiser, schedule and RNG restored
     with pytest.raises(ValueError, match="size cannot change when resuming"):
@@ -236,8 +279,15 @@ def test_signal_stops_at_an_iteration_boundary_and_resume_is_exact(tmp_path, mon
 
 
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    train_texture(None, tmp_path / "r", "quick", progress=False, gif_frames=1,
-                  gif_steps_per_frame=1, **dict(TINY, iters=2))
+    train_texture(
+        None,
+        tmp_path / "r",
+        "quick",
+        progress=False,
+        gif_frames=1,
+        gif_steps_per_frame=1,
+        **dict(TINY, iters=2),
+    )
     ck = tmp_path / "r" / "checkpoint.pt"
     good = ck.read_bytes()
     orig_loss = NCACB.get_loss
@@ -263,8 +313,15 @@ def test_compiled_step_is_compiled_once_for_all_rollout_lengths():
     torch._dynamo.reset()
     counters.clear()
     model = build_model(make_config("quick", **TINY))
-    cb = NCACB(pool=4, size=8, batch=2, min_steps=2, max_steps=7, compile=True,
-               compile_kwargs=dict(backend="aot_eager"))
+    cb = NCACB(
+        pool=4,
+        size=8,
+        batch=2,
+        min_steps=2,
+        max_steps=7,
+        compile=True,
+        compile_kwargs=dict(backend="aot_eager"),
+    )
     learn = _learner(model)
     cb.before_fit(learn)
     cb.predict(learn)
@@ -281,8 +338,16 @@ def test_compiled_step_is_compiled_once_for_all_rollout_lengths():
 
 
 def test_bf16_autocast_training_runs(tmp_path):
-    res = train_texture(None, tmp_path / "bf", "quick", progress=False, gif_frames=1,
-                        gif_steps_per_frame=1, amp="bf16", **dict(TINY, iters=2))
+    res = train_texture(
+        None,
+        tmp_path / "bf",
+        "quick",
+        progress=False,
+        gif_frames=1,
+        gif_steps_per_frame=1,
+        amp="bf16",
+        **dict(TINY, iters=2),
+    )
     assert len(res.losses) == 2 and all(torch.isfinite(torch.tensor(res.losses)))
 
 

@@ -82,8 +82,14 @@ def test_mp4_without_imageio_ffmpeg_says_what_to_do(tmp_path, monkeypatch):
 def test_render_from_checkpoint_writes_animation_and_png(tmp_path, monkeypatch):
     m = _model()
     save_checkpoint(tmp_path / "run" / "checkpoint.pt", m)
-    res = render(tmp_path / "run", tmp_path / "out" / "g.gif", size=(6, 10), frames=3,
-                 steps_per_frame=2, scale=2)
+    res = render(
+        tmp_path / "run",
+        tmp_path / "out" / "g.gif",
+        size=(6, 10),
+        frames=3,
+        steps_per_frame=2,
+        scale=2,
+    )
     assert res["frames"] == 3 and res["size"] == (12, 20) and res["steps"] == 6
     with Image.open(res["animation"]) as im:
         assert im.n_frames == 3 and im.size == (20, 12)

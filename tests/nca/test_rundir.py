@@ -11,10 +11,25 @@ from fastnca.nca.run import train_texture
 from fastnca.nca.rundir import RunLock
 
 LEGACY = Path(__file__).resolve().parents[1] / "data" / "legacy_v1_run"
-LEGACY_CURVE = [0.8720821142196655, 0.8707133531570435, 0.8691510558128357, 0.8663250803947449,
-                0.8612585663795471]  # the old version's own 5-iteration run (see SOURCE.md)
-TINY = dict(size=16, channels=4, hidden=8, pool=4, batch=2, min_steps=2, max_steps=3,
-            weights="random", layers=(1,), save_every=0)
+LEGACY_CURVE = [
+    0.8720821142196655,
+    0.8707133531570435,
+    0.8691510558128357,
+    0.8663250803947449,
+    0.8612585663795471,
+]  # the old version's own 5-iteration run (see SOURCE.md)
+TINY = dict(
+    size=16,
+    channels=4,
+    hidden=8,
+    pool=4,
+    batch=2,
+    min_steps=2,
+    max_steps=3,
+    weights="random",
+    layers=(1,),
+    save_every=0,
+)
 KW = dict(progress=False, gif_frames=1, gif_steps_per_frame=1)
 
 
@@ -33,8 +48,10 @@ def test_a_version_1_run_loads_and_resumes_bit_for_bit(tmp_path):
     assert res.losses == LEGACY_CURVE  # pool.pt, Adam state and RNG of the old format restored
     new = load_checkpoint(run)
     assert new.iteration == 5 and new.train["extra"]["pool"].shape == (4, 4, 12, 12)
-    assert __import__("torch").load(run / "checkpoint.pt", weights_only=True)["version"] == \
-        FORMAT_VERSION
+    assert (
+        __import__("torch").load(run / "checkpoint.pt", weights_only=True)["version"]
+        == FORMAT_VERSION
+    )
 
 
 def test_a_second_process_on_the_same_run_dir_is_refused(tmp_path):

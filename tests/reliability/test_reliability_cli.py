@@ -70,13 +70,19 @@ def test_style_images_too_small_after_resizing_or_not_files(tmp_path, capsys):
     assert "size of at least 80" in err and not (tmp_path / "r").exists()
     rect = tmp_path / "rect.png"  # stylize --size 16: 32x20 -> 16x10
     Image.fromarray(np.zeros((20, 32, 3), np.uint8)).save(rect)
-    _fails(capsys, ["stylize", rect, "builtin:dots", "--size", "16", "-o", tmp_path / "o.png"],
-           "shorter side is under 16 px")
+    _fails(
+        capsys,
+        ["stylize", rect, "builtin:dots", "--size", "16", "-o", tmp_path / "o.png"],
+        "shorter side is under 16 px",
+    )
     fifo = tmp_path / "style.fifo"
     os.mkfifo(fifo)  # opening it for reading would block forever
     _fails(capsys, ["train", fifo, "-o", tmp_path / "r"], "not a regular file")
-    _fails(capsys, ["stylize", "builtin:landscape", fifo, "-o", tmp_path / "o.png"],
-           "not a regular file")
+    _fails(
+        capsys,
+        ["stylize", "builtin:landscape", fifo, "-o", tmp_path / "o.png"],
+        "not a regular file",
+    )
     _fails(capsys, ["stylize", "--demo", "--lr", "inf"], "expected a finite number")
     _fails(capsys, ["stylize", "--demo", "--device", "meta"], "device")
     _fails(capsys, ["stylize", "--demo", "--size", "100000"], ["would need about", "lower --size"])
@@ -87,12 +93,18 @@ def test_unwritable_outputs_refused_before_the_work(tmp_path, capsys, ckpt, monk
     afile = tmp_path / "afile"
     afile.write_text("x")
     ro = "/proc"  # a place nobody can create files in (even root)
-    for argv in (["render", ckpt, "-o", afile / "g.gif"], ["render", ckpt, "-o", f"{ro}/g.gif"],
-                 ["stylize", "--demo", "-o", afile / "o.png"],
-                 ["stylize", "--demo", "-o", f"{ro}/o.png"],
-                 ["train", "-o", afile / "run"], ["train", "-o", f"{ro}/run"],
-                 ["bench", "--json", afile / "b.json"], ["bench", "--json", f"{ro}/b.json"],
-                 ["bench", "--markdown", afile / "b.md"], ["bench", "--plot", f"{ro}/b.png"]):
+    for argv in (
+        ["render", ckpt, "-o", afile / "g.gif"],
+        ["render", ckpt, "-o", f"{ro}/g.gif"],
+        ["stylize", "--demo", "-o", afile / "o.png"],
+        ["stylize", "--demo", "-o", f"{ro}/o.png"],
+        ["train", "-o", afile / "run"],
+        ["train", "-o", f"{ro}/run"],
+        ["bench", "--json", afile / "b.json"],
+        ["bench", "--json", f"{ro}/b.json"],
+        ["bench", "--markdown", afile / "b.md"],
+        ["bench", "--plot", f"{ro}/b.png"],
+    ):
         _fails(capsys, argv, ["cannot write"])
     if os.geteuid() != 0:  # a read-only folder (root may write anywhere)
         d = tmp_path / "ro"
@@ -111,8 +123,11 @@ def test_bench_malformed_gate_baseline_refused_before_the_run(tmp_path, capsys, 
         raise AssertionError("the suites ran")
 
     monkeypatch.setattr(runner, "run_suites", never)
-    _fails(capsys, ["bench", "--gate", "--baseline", "bad.json", "--device", "cpu"],
-           "--gate: baseline bad.json")
+    _fails(
+        capsys,
+        ["bench", "--gate", "--baseline", "bad.json", "--device", "cpu"],
+        "--gate: baseline bad.json",
+    )
 
 
 def test_render_refuses_non_finite_weights_and_huge_renders(tmp_path, capsys, ckpt):
@@ -123,10 +138,16 @@ def test_render_refuses_non_finite_weights_and_huge_renders(tmp_path, capsys, ck
     torch.save(obj, bad)
     out = tmp_path / "g.gif"
     _fails(capsys, ["render", bad, "-o", out], ["NaN or inf", key])
-    _fails(capsys, ["render", ckpt, "-o", out, "--size", "100", "--scale", "1000"],
-           "larger than a GIF can be")
-    _fails(capsys, ["render", ckpt, "-o", out, "--size", "60000", "--frames", "2"],
-           ["would need about", "lower --size"])
+    _fails(
+        capsys,
+        ["render", ckpt, "-o", out, "--size", "100", "--scale", "1000"],
+        "larger than a GIF can be",
+    )
+    _fails(
+        capsys,
+        ["render", ckpt, "-o", out, "--size", "60000", "--frames", "2"],
+        ["would need about", "lower --size"],
+    )
     _fails(capsys, ["render", ckpt, "-o", out, "--steps", "2000000"], "more than 1000000")
     _fails(capsys, ["render", ckpt, "-o", out, "--seed", str(2**64)], "--seed")
     assert not out.exists() and not out.with_suffix(".png").exists()
@@ -140,8 +161,12 @@ def test_disk_full_is_one_line_naming_the_path(tmp_path, capsys, ckpt, monkeypat
 
     monkeypatch.setattr(io.os, "replace", full)
     out = tmp_path / "g.gif"
-    err = _fails(capsys, ["render", ckpt, "-o", out, "--size", "8", "--frames", "1",
-                          "--steps-per-frame", "1"], "no space left on device at", code=1)
+    err = _fails(
+        capsys,
+        ["render", ckpt, "-o", out, "--size", "8", "--frames", "1", "--steps-per-frame", "1"],
+        "no space left on device at",
+        code=1,
+    )
     assert str(out) in err
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))  # temp file removed
 

@@ -17,10 +17,13 @@ from fastnca.losses import StyleLoss, content_loss, gram, style_loss
 from fastnca.ops import nca_step, perceive
 
 
-@pytest.mark.parametrize("f, words", [
-    (torch.rand(0, 4, 8, 8), "batch B >= 1"),
-    (torch.rand(1, 0, 8, 8), "channels C >= 1"),
-])
+@pytest.mark.parametrize(
+    "f, words",
+    [
+        (torch.rand(0, 4, 8, 8), "batch B >= 1"),
+        (torch.rand(1, 0, 8, 8), "channels C >= 1"),
+    ],
+)
 def test_style_loss_refuses_empty_batch_and_no_channels(f, words):
     c = f.shape[1]
     with pytest.raises(ValueError, match=words):
@@ -31,15 +34,18 @@ def test_style_loss_refuses_empty_batch_and_no_channels(f, words):
         content_loss(f, f)
 
 
-@pytest.mark.parametrize("w, err, words", [
-    (float("nan"), ValueError, "finite number >= 0"),
-    (-1.0, ValueError, "finite number >= 0"),
-    (float("inf"), ValueError, "finite number >= 0"),
-    (torch.tensor(float("nan")), ValueError, "finite number >= 0"),
-    (torch.tensor(1.0, device="meta"), ValueError, "is on meta but the features are on cpu"),
-    (torch.tensor(1), TypeError, "floating tensor"),
-    ("1", TypeError, "a number or a one-element tensor"),
-])
+@pytest.mark.parametrize(
+    "w, err, words",
+    [
+        (float("nan"), ValueError, "finite number >= 0"),
+        (-1.0, ValueError, "finite number >= 0"),
+        (float("inf"), ValueError, "finite number >= 0"),
+        (torch.tensor(float("nan")), ValueError, "finite number >= 0"),
+        (torch.tensor(1.0, device="meta"), ValueError, "is on meta but the features are on cpu"),
+        (torch.tensor(1), TypeError, "floating tensor"),
+        ("1", TypeError, "a number or a one-element tensor"),
+    ],
+)
 def test_style_loss_weights_checked(w, err, words):
     f, t = torch.rand(2, 3, 5, 7), torch.rand(3, 3)
     with pytest.raises(err, match=words):
@@ -58,8 +64,9 @@ def test_nca_step_refuses_integer_complex_conv_weights_and_meta():
             nca_step(x, torch.ones(8, 16, 1, 1), None, torch.zeros(4, 8, 1, 1, dtype=dtype))
     m = dict(device="meta")
     with pytest.raises(ValueError, match="x is on the meta device.*nca_step"):
-        nca_step(torch.zeros(1, 4, 6, 7, **m), torch.zeros(8, 16, **m), None,
-                 torch.zeros(4, 8, **m))
+        nca_step(
+            torch.zeros(1, 4, 6, 7, **m), torch.zeros(8, 16, **m), None, torch.zeros(4, 8, **m)
+        )
     with pytest.raises(ValueError, match="x is on the meta device.*perceive"):
         perceive(torch.zeros(1, 4, 6, 7, **m))
     with pytest.raises(ValueError, match="channels C >= 1"):
@@ -121,8 +128,9 @@ def test_download_deadline_progress_and_no_partial_file(tmp_path, capsys):
         url = f"http://127.0.0.1:{server.server_address[1]}/vgg16-397923af.pth"
         t0 = time.monotonic()
         with pytest.raises(TimeoutError, match="not finished within 1s"):
-            download_weights(url, tmp_path / "vgg16-397923af.pth", timeout=2.0, deadline=1.0,
-                             verbose=True)
+            download_weights(
+                url, tmp_path / "vgg16-397923af.pth", timeout=2.0, deadline=1.0, verbose=True
+            )
         assert time.monotonic() - t0 < 5  # the per-read timeout alone would never fire
     finally:
         server.shutdown()

@@ -12,8 +12,26 @@ import time
 
 from fastnca.nca.checkpoint import load_checkpoint
 
-TINY = ["--size", "16", "--channels", "4", "--hidden", "8", "--pool", "4", "--batch", "2",
-        "--min-steps", "2", "--max-steps", "3", "--weights", "random", "--gif-frames", "1"]
+TINY = [
+    "--size",
+    "16",
+    "--channels",
+    "4",
+    "--hidden",
+    "8",
+    "--pool",
+    "4",
+    "--batch",
+    "2",
+    "--min-steps",
+    "2",
+    "--max-steps",
+    "3",
+    "--weights",
+    "random",
+    "--gif-frames",
+    "1",
+]
 ENV = {**os.environ, "FASTNCA_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("FASTNCA_DEBUG", None)
 
@@ -23,8 +41,9 @@ def _cmd(*args) -> list[str]:
 
 
 def _start(*args) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(*args), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        _cmd(*args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for_training(p: subprocess.Popen, run, timeout: float = 300.0) -> None:
@@ -56,13 +75,23 @@ def test_second_train_on_the_same_dir_fails_at_once_naming_the_pid(tmp_path):
     a = _start("-o", run, "--iters", "1000", *TINY)
     try:
         _wait_for_training(a, run)
-        b = subprocess.run(_cmd("-o", run, "--iters", "3", *TINY), env=ENV, capture_output=True,
-                           text=True, timeout=120)
+        b = subprocess.run(
+            _cmd("-o", run, "--iters", "3", *TINY),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         err = b.stderr.strip()
         assert b.returncode == 2 and len(err.splitlines()) == 1, err
         assert f"pid {a.pid}" in err and "in use by another fastnca train" in err
-        r = subprocess.run(_cmd("--resume", run, "--iters", "5"), env=ENV, capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run(
+            _cmd("--resume", run, "--iters", "5"),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 2 and f"pid {a.pid}" in r.stderr
     finally:
         a.kill()

@@ -12,9 +12,27 @@ import torch
 from fastnca.cli import main
 from fastnca.nca.checkpoint import load_checkpoint
 
-TINY = ["--size", "16", "--channels", "4", "--hidden", "8", "--pool", "4", "--batch", "2",
-        "--min-steps", "2", "--max-steps", "3", "--weights", "random", "--gif-frames", "1",
-        "--no-progress"]
+TINY = [
+    "--size",
+    "16",
+    "--channels",
+    "4",
+    "--hidden",
+    "8",
+    "--pool",
+    "4",
+    "--batch",
+    "2",
+    "--min-steps",
+    "2",
+    "--max-steps",
+    "3",
+    "--weights",
+    "random",
+    "--gif-frames",
+    "1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -94,13 +112,16 @@ def _saved(obj) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("content, words", [
-    (b"", "truncated or not a"),
-    (b"\x00" * 100, "truncated or not a"),
-    (_saved({"format": "fastnca-nca", "model": torch.nn.Linear(2, 2)}), "unsafe content"),
-    pytest.param(_saved({"x": _Boom()}), "unsafe content"),
-    pytest.param(pickle.dumps({"x": _Boom()}, protocol=2), "unsafe content"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", "truncated or not a"),
+        (b"\x00" * 100, "truncated or not a"),
+        (_saved({"format": "fastnca-nca", "model": torch.nn.Linear(2, 2)}), "unsafe content"),
+        pytest.param(_saved({"x": _Boom()}), "unsafe content"),
+        pytest.param(pickle.dumps({"x": _Boom()}, protocol=2), "unsafe content"),
+    ],
+)
 def test_checkpoint_problems_say_which(content, words, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(content)

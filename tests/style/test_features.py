@@ -66,7 +66,12 @@ def test_layer_table_matches_torchvision():
         kind = {nn.Conv2d: "conv", nn.ReLU: "relu", nn.MaxPool2d: "pool"}[type(m)]
         assert layer_name(i).startswith(kind)
     assert [LAYER_NAMES[n] for n in ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")] == [
-        1, 6, 11, 18, 25]
+        1,
+        6,
+        11,
+        18,
+        25,
+    ]
     assert layer_index("relu4_1") == 18 and layer_index(3) == 3
     with torch.no_grad():  # feature_shape agrees with the real network on an odd size
         shapes, h = {}, torch.zeros(1, 3, 37, 50)
@@ -95,7 +100,7 @@ def test_state_dict_file_matches_torchvision(tv_features, tmp_path, capsys):
 def test_names_and_conv_layers_and_legacy_file(tv_features, tmp_path):
     net, sd = tv_features
     path = tmp_path / "legacy.pth"
-    feats_only = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
+    feats_only = {k[len("features.") :]: v for k, v in sd.items() if k.startswith("features.")}
     torch.save(feats_only, path, _use_new_zipfile_serialization=False)  # not memory-mappable
     m = VGG16Features(("conv1_2", "relu1_1", "pool1"), weights=path, verbose=False)
     assert m.layers == (2, 1, 4) and m.names == ("conv1_2", "relu1_1", "pool1")
@@ -206,8 +211,9 @@ def test_download_from_file_url(tv_features, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fe, "VGG16_URL", bad.as_uri())
     m = VGG16Features((1,), weights="auto")
     assert not m.is_pretrained and "sha256" in capsys.readouterr().err
-    assert not fe.hub_checkpoint_path().exists() and not list(fe.hub_checkpoint_path().parent.glob(
-        ".*part"))
+    assert not fe.hub_checkpoint_path().exists() and not list(
+        fe.hub_checkpoint_path().parent.glob(".*part")
+    )
 
 
 def test_download_fails_fast(monkeypatch, capsys):
@@ -234,15 +240,18 @@ def test_compiles_fullgraph(tv_features):
         torch.testing.assert_close(g, w)
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(layers=()), ValueError, "layers: expected at least one"),
-    (dict(layers=(1, "relu1_1")), ValueError, "layers: duplicate"),
-    (dict(layers=("relu9_9",)), ValueError, "layers: unknown layer name 'relu9_9'"),
-    (dict(layers=(31,)), ValueError, "layers: index 31 out of range"),
-    (dict(layers=(1.0,)), TypeError, "layers: expected ints or layer names, got float"),
-    (dict(weights=3), TypeError, "weights: expected 'auto'"),
-    (dict(weights="/no/such/vgg.pth"), ValueError, "weights: '/no/such/vgg.pth' is not a file"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(layers=()), ValueError, "layers: expected at least one"),
+        (dict(layers=(1, "relu1_1")), ValueError, "layers: duplicate"),
+        (dict(layers=("relu9_9",)), ValueError, "layers: unknown layer name 'relu9_9'"),
+        (dict(layers=(31,)), ValueError, "layers: index 31 out of range"),
+        (dict(layers=(1.0,)), TypeError, "layers: expected ints or layer names, got float"),
+        (dict(weights=3), TypeError, "weights: expected 'auto'"),
+        (dict(weights="/no/such/vgg.pth"), ValueError, "weights: '/no/such/vgg.pth' is not a file"),
+    ],
+)
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         VGG16Features(**{"weights": "random", "verbose": False, **kwargs})

@@ -46,8 +46,14 @@ def test_tensor_model_and_image_opt_cb_fit_a_target():
     target = torch.rand(1, 3, 8, 8) * 1.4 - 0.2  # partly outside [0, 1]
     model = TensorModel(torch.full((1, 3, 8, 8), 0.5))
     assert model() is model.t and model(0, 0) is model.t  # the dummy batch is ignored
-    learn = Learner(model, dummy_dls(60), loss_func=lambda p: F.mse_loss(p, target), lr=0.05,
-                    cbs=[ImageOptCB()], opt_func=torch.optim.Adam)
+    learn = Learner(
+        model,
+        dummy_dls(60),
+        loss_func=lambda p: F.mse_loss(p, target),
+        lr=0.05,
+        cbs=[ImageOptCB()],
+        opt_func=torch.optim.Adam,
+    )
     learn.fit(1, valid=False)
     clamped = target.clamp(0, 1)
     assert F.mse_loss(model.t, clamped) < 0.1 * F.mse_loss(torch.full_like(target, 0.5), clamped)
@@ -59,8 +65,14 @@ def test_tensor_model_and_image_opt_cb_fit_a_target():
 def test_image_log_cb_snapshots_and_grid(tmp_path):
     model = TensorModel(torch.zeros(1, 3, 6, 10))
     log = ImageLogCB(every=3, path=tmp_path / "logs" / "grid.png", ncols=4)
-    learn = Learner(model, dummy_dls(7), loss_func=lambda p: (p - 1).square().mean(), lr=0.1,
-                    cbs=[ImageOptCB(), log], opt_func=torch.optim.SGD)
+    learn = Learner(
+        model,
+        dummy_dls(7),
+        loss_func=lambda p: (p - 1).square().mean(),
+        lr=0.1,
+        cbs=[ImageOptCB(), log],
+        opt_func=torch.optim.SGD,
+    )
     learn.fit(1, valid=False)
     assert log.steps == [0, 3, 6, 7] and len(log.images) == 4
     assert torch.equal(log.images[0], torch.zeros(3, 6, 10))
@@ -105,10 +117,12 @@ def test_stylize_lowers_the_loss(feats):
     c, s = builtin_content("landscape", 32), builtin_texture("dots", 32)
     loss = StyleTransferLoss(feats, c, s, **LAYERS, style_weight=10.0)
     for init in ("content", "random"):
-        start = c if init == "content" else torch.rand(c.shape, generator=torch.Generator()
-                                                       .manual_seed(0))
-        out = stylize(c, s, steps=20, lr=0.05, **LAYERS, init=init, features=feats,
-                      verbose=False)
+        start = (
+            c
+            if init == "content"
+            else torch.rand(c.shape, generator=torch.Generator().manual_seed(0))
+        )
+        out = stylize(c, s, steps=20, lr=0.05, **LAYERS, init=init, features=feats, verbose=False)
         assert out.shape == c.shape and out.min() >= 0 and out.max() <= 1
         with torch.no_grad():
             assert loss(out) < 0.7 * loss(start)
@@ -117,8 +131,17 @@ def test_stylize_lowers_the_loss(feats):
 def test_stylize_amp_compile_and_log(feats, tmp_path):
     c, s = builtin_content("landscape", 24), builtin_texture("stripes", 24)
     a = stylize(c, s, steps=4, **LAYERS, features=feats, verbose=False)
-    b = stylize(c, s, steps=4, **LAYERS, features=feats, compile="aot_eager", verbose=False,
-                log_every=2, log_path=tmp_path / "p.png")  # fullgraph: hooks, Grams, losses
+    b = stylize(
+        c,
+        s,
+        steps=4,
+        **LAYERS,
+        features=feats,
+        compile="aot_eager",
+        verbose=False,
+        log_every=2,
+        log_path=tmp_path / "p.png",
+    )  # fullgraph: hooks, Grams, losses
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert (tmp_path / "p.png").is_file()
     h = stylize(c, s, steps=4, **LAYERS, features=feats, amp="bf16", verbose=False)
@@ -132,8 +155,15 @@ def test_stylize_with_pretrained_style_weights(tmp_path, capsys):
     path = tmp_path / "vgg_features.pth"
     torch.save(make_layers(cfgs["D"][:4]).state_dict(), path)  # conv1_1..conv2_1: enough here
     c, s = builtin_content("landscape", 24), builtin_texture("checker", 24)
-    out = stylize(c, s, steps=6, content_layers=("relu2_1",), style_layers=("relu1_1",),
-                  weights=str(path), size=20)
+    out = stylize(
+        c,
+        s,
+        steps=6,
+        content_layers=("relu2_1",),
+        style_layers=("relu1_1",),
+        weights=str(path),
+        size=20,
+    )
     assert out.shape == (1, 3, 20, 20)  # size=20 resized both images
     err = capsys.readouterr().err
     assert f"weights file {path}" in err and "resized content from 24x24 to 20x20" in err
@@ -141,10 +171,12 @@ def test_stylize_with_pretrained_style_weights(tmp_path, capsys):
 
 def test_stylize_bad_arguments(feats, tmp_path):
     c = builtin_content("landscape", 16)
-    for kwargs, match in [(dict(steps=0), "steps: expected a positive int"),
-                          (dict(lr=0.0), "lr: expected a positive"),
-                          (dict(init="zeros"), "init: expected 'content' or 'random'"),
-                          (dict(style_weight=-1.0), "style_weight: expected a finite number >= 0")]:
+    for kwargs, match in [
+        (dict(steps=0), "steps: expected a positive int"),
+        (dict(lr=0.0), "lr: expected a positive"),
+        (dict(init="zeros"), "init: expected 'content' or 'random'"),
+        (dict(style_weight=-1.0), "style_weight: expected a finite number >= 0"),
+    ]:
         with pytest.raises(ValueError, match=match):
             stylize(c, c, features=feats, verbose=False, **kwargs)
     with pytest.raises(ValueError, match="no such file"):
@@ -162,8 +194,21 @@ def _cli(capsys, *argv):
 
 def test_cli_runs_and_writes_output(tmp_path, capsys):
     out = tmp_path / "new" / "dir" / "out.png"
-    code, stdout, err = _cli(capsys, "builtin:landscape", "builtin:dots", "-o", out, "--size",
-                             24, "--steps", 3, "--weights", "random", "--log-every", 2)
+    code, stdout, err = _cli(
+        capsys,
+        "builtin:landscape",
+        "builtin:dots",
+        "-o",
+        out,
+        "--size",
+        24,
+        "--steps",
+        3,
+        "--weights",
+        "random",
+        "--log-every",
+        2,
+    )
     assert code == 0, err
     assert np.asarray(Image.open(out)).shape == (24, 24, 3)
     assert (tmp_path / "new" / "dir" / "out_progress.png").is_file()
@@ -173,7 +218,10 @@ def test_cli_runs_and_writes_output(tmp_path, capsys):
     assert code == 0 and Image.open(out).size == (20, 20)
     assert Image.open(tmp_path / "new" / "dir" / "out_grid.png").size == (2 + 3 * 22, 24)
     assert sorted(p.name for p in out.parent.iterdir()) == [
-        "out.png", "out_grid.png", "out_progress.png"]
+        "out.png",
+        "out_grid.png",
+        "out_progress.png",
+    ]
 
 
 def test_cli_bad_images_exit_2_one_line(tmp_path, capsys):
@@ -196,8 +244,11 @@ def test_cli_bad_images_exit_2_one_line(tmp_path, capsys):
         (("--demo", ok), "give either --demo or CONTENT STYLE"),
     ]
     for argv, pattern in cases:
-        code, stdout, err = _cli(capsys, *argv, "-o", tmp_path / "o.png") if "-o" not in argv \
+        code, stdout, err = (
+            _cli(capsys, *argv, "-o", tmp_path / "o.png")
+            if "-o" not in argv
             else _cli(capsys, *argv)
+        )
         lines = err.strip().splitlines()
         assert code == 2, (argv, err)
         assert len(lines) == 1 and lines[0].startswith("fastnca stylize: error: "), err
@@ -208,9 +259,15 @@ def test_cli_bad_images_exit_2_one_line(tmp_path, capsys):
 def test_cli_process_exit_code(tmp_path):
     """The installed entry point: a missing file is one line on stderr and exit status 2."""
     env = {**os.environ, "FASTNCA_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "fastnca", "stylize", str(tmp_path / "a.png"),
-                        "builtin:dots"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastnca", "stylize", str(tmp_path / "a.png"), "builtin:dots"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
-        f"fastnca stylize: error: CONTENT: '{tmp_path / 'a.png'}': no such file (built-in: ")
+        f"fastnca stylize: error: CONTENT: '{tmp_path / 'a.png'}': no such file (built-in: "
+    )

@@ -12,8 +12,19 @@ from fastnca.style import features as features_mod
 from fastnca.style.stylize import stylize
 from fastnca.style.textures import builtin_content, builtin_texture
 
-TINY = dict(size=16, channels=4, hidden=8, pool=4, batch=2, min_steps=2, max_steps=3,
-            weights="random", layers=(1, 6), save_every=0, iters=1)
+TINY = dict(
+    size=16,
+    channels=4,
+    hidden=8,
+    pool=4,
+    batch=2,
+    min_steps=2,
+    max_steps=3,
+    weights="random",
+    layers=(1, 6),
+    save_every=0,
+    iters=1,
+)
 
 
 @pytest.fixture
@@ -44,17 +55,49 @@ def probes(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("amp, feats", [("bf16", {torch.bfloat16}), ("none", {torch.float32})])
 def test_texture_training_autocasts_the_style_loss_only(probes, tmp_path, amp, feats):
-    train_texture(None, tmp_path / "r", "quick", progress=False, gif_frames=1,
-                  gif_steps_per_frame=1, amp=amp, **TINY)
+    train_texture(
+        None,
+        tmp_path / "r",
+        "quick",
+        progress=False,
+        gif_frames=1,
+        gif_steps_per_frame=1,
+        amp=amp,
+        **TINY,
+    )
     assert probes["features"] == feats
     assert probes["state"] == {torch.float32}  # the rollout stays float32 under autocast
 
 
 def test_train_cli_amp_flag(probes, tmp_path):
-    argv = ["train", "-o", str(tmp_path / "r"), "--no-progress", "--gif-frames", "1",
-            "--amp", "bf16", "--size", "16", "--channels", "4", "--hidden", "8", "--pool", "4",
-            "--batch", "2", "--min-steps", "2", "--max-steps", "3", "--iters", "1",
-            "--weights", "random"]
+    argv = [
+        "train",
+        "-o",
+        str(tmp_path / "r"),
+        "--no-progress",
+        "--gif-frames",
+        "1",
+        "--amp",
+        "bf16",
+        "--size",
+        "16",
+        "--channels",
+        "4",
+        "--hidden",
+        "8",
+        "--pool",
+        "4",
+        "--batch",
+        "2",
+        "--min-steps",
+        "2",
+        "--max-steps",
+        "3",
+        "--iters",
+        "1",
+        "--weights",
+        "random",
+    ]
     assert main(argv) == 0
     assert probes["features"] == {torch.bfloat16} and probes["state"] == {torch.float32}
 
@@ -62,13 +105,34 @@ def test_train_cli_amp_flag(probes, tmp_path):
 @pytest.mark.parametrize("amp, feats", [("bf16", {torch.bfloat16}), (False, {torch.float32})])
 def test_stylize_autocasts_the_features(probes, amp, feats):
     c, s = builtin_content("landscape", 24), builtin_texture("stripes", 24)
-    stylize(c, s, steps=2, content_layers=("relu2_1",), style_layers=("relu1_1",),
-            weights="random", amp=amp, verbose=False)
+    stylize(
+        c,
+        s,
+        steps=2,
+        content_layers=("relu2_1",),
+        style_layers=("relu1_1",),
+        weights="random",
+        amp=amp,
+        verbose=False,
+    )
     assert probes["features"] == feats
 
 
 def test_stylize_cli_amp_flag(probes, tmp_path):
-    argv = ["stylize", "builtin:landscape", "builtin:dots", "-o", str(tmp_path / "o.png"),
-            "--size", "24", "--steps", "2", "--weights", "random", "-q", "--amp"]
+    argv = [
+        "stylize",
+        "builtin:landscape",
+        "builtin:dots",
+        "-o",
+        str(tmp_path / "o.png"),
+        "--size",
+        "24",
+        "--steps",
+        "2",
+        "--weights",
+        "random",
+        "-q",
+        "--amp",
+    ]
     assert main(argv) == 0
     assert probes["features"] == {torch.bfloat16}

@@ -74,8 +74,14 @@ STRATEGIES = {
 def test_loss_decreases_with_each_strategy(name):
     m = MetricsCB()
     model = _model()
-    learn = Learner(model, _dls(), F.mse_loss, lr=0.05, cbs=[DeviceCB(), m, *STRATEGIES[name]()],
-                    opt_func=torch.optim.Adam)
+    learn = Learner(
+        model,
+        _dls(),
+        F.mse_loss,
+        lr=0.05,
+        cbs=[DeviceCB(), m, *STRATEGIES[name]()],
+        opt_func=torch.optim.Adam,
+    )
     learn.fit(4, valid=False)
     losses = [d["loss"] for d in m.log]
     assert losses[-1] < 0.3 * losses[0], losses
@@ -98,12 +104,15 @@ class DtypeNet(nn.Module):
         return h
 
 
-@pytest.mark.parametrize("cb", [lambda: MixedPrecision(torch.bfloat16),
-                                lambda: AccelerateCB("bf16")])
+@pytest.mark.parametrize(
+    "cb", [lambda: MixedPrecision(torch.bfloat16), lambda: AccelerateCB("bf16")]
+)
 def test_autocast_active_inside_predict_only(cb):
     model = DtypeNet()
-    probe = Probe(after_batch=lambda learn: torch.is_autocast_enabled(learn.preds.device.type),
-                  after_loss=lambda learn: learn.loss.dtype)
+    probe = Probe(
+        after_batch=lambda learn: torch.is_autocast_enabled(learn.preds.device.type),
+        after_loss=lambda learn: learn.loss.dtype,
+    )
     Learner(model, _dls(32), F.mse_loss, cbs=[cb(), probe]).fit(1)
     assert model.seen == [(True, torch.bfloat16)] * 4  # 2 train + 2 valid batches
     assert probe.seen["after_batch"] == [False] * 4  # left autocast after the loss
@@ -124,8 +133,9 @@ def test_mixed_precision_leaves_autocast_on_cancel():
 def test_mixed_precision_fp16_uses_a_grad_scaler():
     mp, m = MixedPrecision("fp16"), MetricsCB()
     probe = Probe(after_step=lambda learn: type(learn.scaler).__name__)
-    learn = Learner(_model(), _dls(), F.mse_loss, lr=0.05, cbs=[mp, m, probe],
-                    opt_func=torch.optim.Adam)
+    learn = Learner(
+        _model(), _dls(), F.mse_loss, lr=0.05, cbs=[mp, m, probe], opt_func=torch.optim.Adam
+    )
     learn.fit(4, valid=False)
     assert set(probe.seen["after_step"]) == {"GradScaler"} and learn.scaler is None
     assert m.log[-1]["loss"] < 0.5 * m.log[0]["loss"]
@@ -151,8 +161,13 @@ def test_accelerate_prepares_and_restores():
     dls.train = MultDL(dls.train, 2)
     train, valid, model = dls.train, dls.valid, _model()
     cb = AccelerateCB("bf16")
-    probe = Probe(before_batch=lambda learn: (type(learn.dls.train.dl).__name__,
-                                              type(learn.opt).__name__, learn.accelerator))
+    probe = Probe(
+        before_batch=lambda learn: (
+            type(learn.dls.train.dl).__name__,
+            type(learn.opt).__name__,
+            learn.accelerator,
+        )
+    )
     learn = Learner(model, dls, F.mse_loss, cbs=[cb, probe])
     learn.fit(1, valid=False)
     assert probe.seen["before_batch"][0] == ("DataLoaderShard", "AcceleratedOptimizer", cb.acc)
@@ -244,7 +259,12 @@ def test_progress_plain_lines_in_a_non_terminal():
     assert lines[3].startswith("epoch 0 train [####################] 4/4  loss ")
     assert lines[4].split() == ["epoch", "train", "loss"]  # MetricsCB table: header once ...
     assert [line.split()[:2] for line in lines if len(line.split()) == 3] == [
-        ["epoch", "train"], ["0", "train"], ["0", "eval"], ["1", "train"], ["1", "eval"]]
+        ["epoch", "train"],
+        ["0", "train"],
+        ["0", "eval"],
+        ["1", "train"],
+        ["1", "eval"],
+    ]
     assert len(lines) == 2 * 2 * 4 + 5  # a line per batch (4 per epoch here) + the table
     assert len(p.losses) == 8
 
@@ -312,8 +332,13 @@ def test_checkpoint_saved_on_early_stop_and_optimiser_mismatch_is_clear(tmp_path
     stopped.fit(2)  # CancelFitException: a clean early stop
     saved = load_checkpoint(path)
     assert saved["step"] == 3 and saved["sched"] is not None and saved["opt_class"] == "Adam"
-    sgd = Learner(_model(), _dls(), F.mse_loss, opt_func=torch.optim.SGD, cbs=[
-        CheckpointCB(path), BatchSchedCB(partial(OneCycleLR, max_lr=0.05, total_steps=8))])
+    sgd = Learner(
+        _model(),
+        _dls(),
+        F.mse_loss,
+        opt_func=torch.optim.SGD,
+        cbs=[CheckpointCB(path), BatchSchedCB(partial(OneCycleLR, max_lr=0.05, total_steps=8))],
+    )
     with pytest.raises(ValueError, match="written with the Adam optimiser but this fit uses SGD"):
         sgd.fit(1)
 
@@ -357,8 +382,9 @@ def test_checkpoint_errors(tmp_path):
     other = Learner(nn.Linear(4, 1), _dls(), F.mse_loss, cbs=[CheckpointCB(path)])
     with pytest.raises(ValueError, match="written for another model"):
         other.fit(1)
-    no_sched = Learner(_model(), _dls(), F.mse_loss, cbs=[CheckpointCB(path)],
-                       opt_func=torch.optim.Adam)
+    no_sched = Learner(
+        _model(), _dls(), F.mse_loss, cbs=[CheckpointCB(path)], opt_func=torch.optim.Adam
+    )
     with pytest.raises(ValueError, match="has a sched state"):
         no_sched.fit(1)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

@@ -98,7 +98,8 @@ def test_noisify_statistics(step):
     assert xt.mean().item() == pytest.approx(a**0.5 * c, abs=5 * se)
     assert xt.var().item() == pytest.approx(1 - a, rel=0.03)
     assert eps.mean().item() == pytest.approx(0, abs=0.03) and eps.std().item() == pytest.approx(
-        1, rel=0.03)
+        1, rel=0.03
+    )
 
 
 def test_noisify_random_steps_cover_range():
@@ -112,8 +113,11 @@ def test_noisify_random_steps_cover_range():
 def test_ddpm_collate_structure(kind):
     ab = ddpm_schedule(linear_betas()).alphabar
     imgs = [torch.randn(1, 4, 4) for _ in range(3)]
-    items = {"tuple": [(im, 7) for im in imgs], "dict": [{"label": 1, "image": im} for im in imgs],
-             "tensor": imgs}[kind]
+    items = {
+        "tuple": [(im, 7) for im in imgs],
+        "dict": [{"label": 1, "image": im} for im in imgs],
+        "tensor": imgs,
+    }[kind]
     (xt, t), eps = ddpm_collate(items, ab)
     assert xt.shape == eps.shape == (3, 1, 4, 4) and t.shape == (3,)
     a = ab[t].view(-1, 1, 1, 1)

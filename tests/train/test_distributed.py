@@ -11,11 +11,29 @@ SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_ddpm_dist.py"
 
 def test_torchrun_two_processes_keep_parameters_in_sync(tmp_path):
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ACCELERATE_", "MASTER_", "WORLD_SIZE", "RANK", "LOCAL_RANK"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "MASTER_", "WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    }
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(SCRIPT), "--steps", "3", "--bs", "4", "--size", "8", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        "--steps",
+        "3",
+        "--bs",
+        "4",
+        "--size",
+        "8",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

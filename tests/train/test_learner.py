@@ -21,9 +21,11 @@ from fastnca.train.learner import (
     run_cbs,
 )
 
-EVENTS = [f"{w}_{s}" for s in ("fit", "epoch", "batch") for w in ("before", "after", "cleanup")] + [
-    "after_predict", "after_loss", "after_backward", "after_step"] + [
-    f"after_cancel_{s}" for s in ("fit", "epoch", "batch")]
+EVENTS = (
+    [f"{w}_{s}" for s in ("fit", "epoch", "batch") for w in ("before", "after", "cleanup")]
+    + ["after_predict", "after_loss", "after_backward", "after_step"]
+    + [f"after_cancel_{s}" for s in ("fit", "epoch", "batch")]
+)
 STEPS = ["predict", "get_loss", "backward", "step", "zero_grad"]
 
 
@@ -41,6 +43,7 @@ class Recorder(Callback):
             key = (name, learn.epoch, getattr(learn, "iter", None), learn.training)
             if key in self.raise_at:
                 raise self.raise_at[key]()
+
         return f
 
 
@@ -57,6 +60,7 @@ class StepRecorder(TrainCB):
         def g(learn):
             self.log.append(name)
             f(learn)
+
         return g
 
 
@@ -64,8 +68,10 @@ def _dls(n_train=8, n_valid=4, bs=4):
     torch.manual_seed(0)
     x = torch.randn(n_train + n_valid, 3)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
-    return DataLoaders(DataLoader(TensorDataset(x[:n_train], y[:n_train]), bs),
-                       DataLoader(TensorDataset(x[n_train:], y[n_train:]), bs))
+    return DataLoaders(
+        DataLoader(TensorDataset(x[:n_train], y[:n_train]), bs),
+        DataLoader(TensorDataset(x[n_train:], y[n_train:]), bs),
+    )
 
 
 def _learner(cbs, **kw):
@@ -116,7 +122,7 @@ def test_cancel_exceptions(where, exc, skipped, kept):
     if exc is CancelBatchException:
         # first training batch: predict ran, then nothing but after_cancel_batch, cleanup_batch
         i = ev.index("after_predict")
-        assert ev[i + 1:i + 3] == ["after_cancel_batch", "cleanup_batch"]
+        assert ev[i + 1 : i + 3] == ["after_cancel_batch", "cleanup_batch"]
         assert ev.count("after_batch") == ev.count("before_batch") - 1
         assert ev.count("after_fit") == 1 and ev.count("before_epoch") == 4
     elif exc is CancelEpochException:
@@ -124,7 +130,7 @@ def test_cancel_exceptions(where, exc, skipped, kept):
         assert ev.count("after_epoch") == ev.count("before_epoch") - 1 == 3
         assert ev.count("cleanup_epoch") == 4
         first_cleanup = ev.index("cleanup_epoch")
-        assert ev[first_cleanup - 2:first_cleanup] == ["cleanup_batch", "after_cancel_epoch"]
+        assert ev[first_cleanup - 2 : first_cleanup] == ["cleanup_batch", "after_cancel_epoch"]
         assert "after_epoch" not in ev[:first_cleanup]
         assert ev.count("after_fit") == 1
     else:

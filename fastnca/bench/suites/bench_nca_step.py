@@ -28,8 +28,11 @@ pytestmark = pytest.mark.ops
 VARIANTS = ["lesson eager", "lesson compiled", "fastnca", "fastnca compiled"]
 # (batch, size, steps, dtype): the texture preset's rollout; bfloat16 with fewer steps (the lesson's
 # bfloat16 convolutions are slow on CPUs without native bfloat16); a small one for --quick.
-WORKLOADS = [(4, 128, 64, torch.float32), (4, 128, 16, torch.bfloat16),
-             pytest.param((1, 64, 16, torch.float32), marks=pytest.mark.quick)]
+WORKLOADS = [
+    (4, 128, 64, torch.float32),
+    (4, 128, 16, torch.bfloat16),
+    pytest.param((1, 64, 16, torch.float32), marks=pytest.mark.quick),
+]
 # (HBM bytes/s, float32 non-tensor FLOP/s) of cards whose floor we report.
 PEAKS = {"H100": (3.35e12, 67e12), "H200": (4.8e12, 67e12), "A100": (2.0e12, 19.5e12)}
 
@@ -73,8 +76,13 @@ def _check_cuda_step(m, x):
     grads = (xs.grad, m.w1.weight.grad.flatten(1), m.w1.bias.grad, m.w2.weight.grad.flatten(1))
     for name, a, r in zip(("x", "w1", "b1", "w2"), grads, ref, strict=True):
         scale = r.grad.abs().max().item()
-        torch.testing.assert_close(a.double(), r.grad, rtol=1e-4, atol=1e-4 * scale,
-                                   msg=lambda s, n=name: f"CUDA nca_step grad {n}: {s}")
+        torch.testing.assert_close(
+            a.double(),
+            r.grad,
+            rtol=1e-4,
+            atol=1e-4 * scale,
+            msg=lambda s, n=name: f"CUDA nca_step grad {n}: {s}",
+        )
     m.zero_grad(set_to_none=True)
 
 
@@ -105,8 +113,10 @@ def test_rollout_fwd_bwd(benchmark, workload, variant):
     out, info = saved_tensor_bytes(rollout, x0, steps, exclude=[*params, m.filters, lesson.filters])
     backward(out)
     del out
-    benchmark.group = (f"nca rollout {steps} steps fwd+bwd (B={B}, C=12, {S}x{S}) "
-                       f"{str(dtype).replace('torch.', '')} {dev.type}")
+    benchmark.group = (
+        f"nca rollout {steps} steps fwd+bwd (B={B}, C=12, {S}x{S}) "
+        f"{str(dtype).replace('torch.', '')} {dev.type}"
+    )
     benchmark.extra_info["variant"] = variant
     benchmark.extra_info["saved B/cell/step"] = round(info["saved"] / (B * S * S * steps), 1)
     rounds = (3 if dtype == torch.float32 else 2) if dev.type == "cpu" else 10

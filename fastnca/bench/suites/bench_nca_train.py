@@ -49,8 +49,10 @@ LAYERS = (1, 6, 11, 18, 25)
 VARIANTS = ["lesson eager", "fastnca eager", "fastnca compiled", "fastnca compiled + bf16"]
 # fastnca bench --quick (FASTNCA_BENCH_QUICK=1) runs the small workload at 32x32, 8 steps.
 _S, _N = (32, 8) if os.environ.get("FASTNCA_BENCH_QUICK") == "1" else (64, 16)
-WORKLOADS = [pytest.param((_S, _N), marks=pytest.mark.quick, id=f"{_S}x{_S}-{_N}steps"),
-             pytest.param((128, 64), id="128x128-64steps")]
+WORKLOADS = [
+    pytest.param((_S, _N), marks=pytest.mark.quick, id=f"{_S}x{_S}-{_N}steps"),
+    pytest.param((128, 64), id="128x128-64steps"),
+]
 
 
 # ----- the runs -----
@@ -85,8 +87,9 @@ def make_run(variant: str, dev: torch.device, size: int, steps: int):
         loss_func = torch.compile(loss_func)
     cb = NCACB(cfg, size=size, min_steps=steps, max_steps=steps, compile=compiled)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    learn = SimpleNamespace(model=model, loss_func=loss_func, training=True, opt=opt,
-                            scaler=None, accelerator=None)
+    learn = SimpleNamespace(
+        model=model, loss_func=loss_func, training=True, opt=opt, scaler=None, accelerator=None
+    )
     cb.before_fit(learn)
     gradnorm = GradNormCB()
 
@@ -170,8 +173,9 @@ def test_nca_train_iteration(benchmark, variant, workload):
     for _ in range(2 if "compiled" in variant else 1):  # warm-up / compilation, untimed
         run()
     mem = measure_memory(run, dev)
-    benchmark.group = (f"NCA training iteration, texture preset, (4,12,{size},{size}), {steps} "
-                       f"steps, {dev.type}")
+    benchmark.group = (
+        f"NCA training iteration, texture preset, (4,12,{size},{size}), {steps} steps, {dev.type}"
+    )
     benchmark.extra_info["variant"] = variant
     benchmark.extra_info.update(mem)
     benchmark.pedantic(run, rounds=3 if dev.type == "cpu" else 10, iterations=1)

@@ -97,8 +97,9 @@ def ddpm_workload(dev: torch.device) -> Workload:
 
     def make_dls(n_batches: int, ms: float) -> DataLoaders:
         ds = SyntheticShapes(n_batches * batch, size=32)
-        dl = DataLoader(ds, batch, shuffle=True, collate_fn=partial(slow_collate, collate=collate,
-                                                                    ms=ms))
+        dl = DataLoader(
+            ds, batch, shuffle=True, collate_fn=partial(slow_collate, collate=collate, ms=ms)
+        )
         return DataLoaders(dl, dl)
 
     def make_model():
@@ -106,8 +107,16 @@ def ddpm_workload(dev: torch.device) -> Workload:
         return UNet(1, nfs=nfs)
 
     params = sum(p.numel() for p in make_model().parameters())
-    return Workload("ddpm-unet-32x32", make_model, make_dls, F.mse_loss, batch, steps,
-                    slow_ms=slow_ms, info={"nfs": "x".join(map(str, nfs)), "params": params})
+    return Workload(
+        "ddpm-unet-32x32",
+        make_model,
+        make_dls,
+        F.mse_loss,
+        batch,
+        steps,
+        slow_ms=slow_ms,
+        info={"nfs": "x".join(map(str, nfs)), "params": params},
+    )
 
 
 def nca_workload(dev: torch.device) -> Workload:
@@ -142,8 +151,17 @@ def nca_workload(dev: torch.device) -> Workload:
 
     params = sum(p.numel() for p in make_model().parameters())
     name = f"nca-texture-{size}x{size}-{nca_steps}steps"
-    return Workload(name, make_model, make_dls, loss, cfg.batch, iters, lr=cfg.lr, cbs=cbs,
-                    info={"params": params})
+    return Workload(
+        name,
+        make_model,
+        make_dls,
+        loss,
+        cfg.batch,
+        iters,
+        lr=cfg.lr,
+        cbs=cbs,
+        info={"params": params},
+    )
 
 
 WORKLOADS = {"ddpm": ddpm_workload, "nca": nca_workload}
@@ -178,8 +196,14 @@ def _fit_fn(wl: Workload, cbs: list, mult: int, slow_ms: float):
     if mult > 1:
         dls.train = MultDL(dls.train, mult)
     extra = wl.cbs() if callable(wl.cbs) else wl.cbs
-    learn = Learner(wl.make_model(), dls, wl.loss_func, lr=wl.lr,
-                    cbs=[DeviceCB(dev), *extra, *cbs, SyncCB()], opt_func=torch.optim.Adam)
+    learn = Learner(
+        wl.make_model(),
+        dls,
+        wl.loss_func,
+        lr=wl.lr,
+        cbs=[DeviceCB(dev), *extra, *cbs, SyncCB()],
+        opt_func=torch.optim.Adam,
+    )
     return partial(learn.fit, 1, valid=False)
 
 
@@ -203,12 +227,20 @@ def test_strategy(benchmark, workload, variant):
     if variant in CUDA_ONLY and device().type != "cuda":
         pytest.skip(f"{variant}: CUDA only")
     wl = WORKLOADS[workload](device())
-    _run(benchmark, wl, f"train {wl.name} {device().type}", variant, STRATEGIES[variant](),
-         mult=1, slow_ms=0.0)
+    _run(
+        benchmark,
+        wl,
+        f"train {wl.name} {device().type}",
+        variant,
+        STRATEGIES[variant](),
+        mult=1,
+        slow_ms=0.0,
+    )
 
 
-@pytest.mark.parametrize("workload", [pytest.param(w, marks=pytest.mark.quick) for w in WITH_LOADER]
-                         )
+@pytest.mark.parametrize(
+    "workload", [pytest.param(w, marks=pytest.mark.quick) for w in WITH_LOADER]
+)
 @pytest.mark.parametrize("variant", list(SLOW))
 def test_slow_loader(benchmark, workload, variant):
     wl = WORKLOADS[workload](device())
@@ -219,7 +251,8 @@ def test_slow_loader(benchmark, workload, variant):
 
 def main(argv=None) -> int:
     """Interleaved timing: every variant's rounds alternate (round r of all rows, then r+1), so a
-    change of machine load hits all rows alike. ``python fastnca/bench/suites/bench_strategies.py``."""
+    change of machine load hits all rows alike:
+    ``python fastnca/bench/suites/bench_strategies.py``."""
     import argparse
     import statistics
 
@@ -244,13 +277,17 @@ def main(argv=None) -> int:
             fit()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{wl.name} on {device().type}: {wl.steps} steps x batch {wl.batch} per round, "
-          f"median of {args.rounds} interleaved rounds, slow loader {wl.slow_ms:g} ms/batch")
+    print(
+        f"{wl.name} on {device().type}: {wl.steps} steps x batch {wl.batch} per round, "
+        f"median of {args.rounds} interleaved rounds, slow loader {wl.slow_ms:g} ms/batch"
+    )
     print("| variant | median s/round | samples/s | vs fp32 eager |\n|---|---:|---:|---:|")
     for name in fits:
         base = med["slow loader: lesson eager" if name.startswith("slow") else "lesson eager"]
-        print(f"| {name} | {med[name]:.3f} | {wl.steps * wl.batch / med[name]:.1f} | "
-              f"{base / med[name]:.2f}x |")
+        print(
+            f"| {name} | {med[name]:.3f} | {wl.steps * wl.batch / med[name]:.1f} | "
+            f"{base / med[name]:.2f}x |"
+        )
     return 0
 
 

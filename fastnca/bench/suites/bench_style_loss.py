@@ -135,7 +135,8 @@ def test_gram_forward_rate(benchmark, dtype, variant):
 
 def interleaved(sizes=(128, 256), rounds: int = 7) -> None:
     """On a shared, noisy machine: the eager variants timed round by round in one process, so
-    load changes hit every variant alike. ``python fastnca/bench/suites/bench_style_loss.py [S ...]``."""
+    load changes hit every variant alike:
+    ``python fastnca/bench/suites/bench_style_loss.py [S ...]``."""
     import statistics
     import time
 

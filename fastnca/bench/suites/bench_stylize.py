@@ -60,13 +60,15 @@ def test_stylize_step(benchmark, extractor, variant):
     feats = _features(extractor, dev)
     content = builtin_content("landscape", SIZE).to(dev)
     style = builtin_texture("scales", SIZE).to(dev)
-    loss = StyleTransferLoss(feats, content, style, CONTENT_LAYERS, STYLE_LAYERS,
-                             style_weight=10.0).to(dev)
+    loss = StyleTransferLoss(
+        feats, content, style, CONTENT_LAYERS, STYLE_LAYERS, style_weight=10.0
+    ).to(dev)
     loss_func = torch.compile(loss, fullgraph=True) if variant.startswith("compiled") else loss
     cbs = [ImageOptCB()] + ([MixedPrecision("bf16")] if variant.endswith("bf16") else [])
     model = TensorModel(content).to(dev)
-    learn = Learner(model, dummy_dls(1), loss_func=loss_func, lr=0.05, cbs=cbs,
-                    opt_func=torch.optim.Adam)
+    learn = Learner(
+        model, dummy_dls(1), loss_func=loss_func, lr=0.05, cbs=cbs, opt_func=torch.optim.Adam
+    )
 
     def run():  # one optimisation step through the Learner
         learn.fit(1, valid=False)

@@ -17,8 +17,9 @@ import torch
 
 def device() -> torch.device:
     """Benchmark device: FASTNCA_BENCH_DEVICE, else CUDA when present, else CPU."""
-    return torch.device(os.environ.get("FASTNCA_BENCH_DEVICE") or
-                        ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(
+        os.environ.get("FASTNCA_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
 
 
 def sync(dev: torch.device) -> None:

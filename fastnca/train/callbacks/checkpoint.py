@@ -62,16 +62,27 @@ def _check_model_state(path, ckpt: dict, model: nn.Module) -> None:
     have = ckpt["model"]
     missing = [k for k in want if k not in have]
     unexpected = [k for k in have if k not in want]
-    shapes = [f"{k}: {tuple(have[k].shape)} vs {tuple(want[k].shape)}" for k in want
-              if k in have and tuple(have[k].shape) != tuple(want[k].shape)]
+    shapes = [
+        f"{k}: {tuple(have[k].shape)} vs {tuple(want[k].shape)}"
+        for k in want
+        if k in have and tuple(have[k].shape) != tuple(want[k].shape)
+    ]
     if missing or unexpected or shapes:
-        parts = [f"{n} {', '.join(v[:4])}{' ...' if len(v) > 4 else ''}"
-                 for n, v in (("missing:", missing), ("unexpected:", unexpected),
-                              ("shape (checkpoint vs model):", shapes)) if v]
+        parts = [
+            f"{n} {', '.join(v[:4])}{' ...' if len(v) > 4 else ''}"
+            for n, v in (
+                ("missing:", missing),
+                ("unexpected:", unexpected),
+                ("shape (checkpoint vs model):", shapes),
+            )
+            if v
+        ]
         raise ValueError(
             f"checkpoint {path} was written for another model ({ckpt.get('model_class')}, this is "
-            f"{type(model).__name__}): " + "; ".join(parts)
-            + ". Use another path, or CheckpointCB(..., resume=False) to start afresh.")
+            f"{type(model).__name__}): "
+            + "; ".join(parts)
+            + ". Use another path, or CheckpointCB(..., resume=False) to start afresh."
+        )
 
 
 class CheckpointCB(Callback):
@@ -91,7 +102,7 @@ class CheckpointCB(Callback):
 
     def __init__(self, path: str | os.PathLike, every: int | None = None, resume: bool = True):
         if every is not None:
-            check_int('every', every, 1)
+            check_int("every", every, 1)
         self.path, self.every, self.resume = Path(path), every, resume
         self.steps_done = 0
         self._resumed = False

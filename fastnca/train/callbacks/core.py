@@ -51,14 +51,20 @@ class MetricsCB(Callback):
             metrics[getattr(m, "__name__", type(m).__name__)] = m
         for k, m in metrics.items():
             if not callable(m):
-                raise TypeError(f"metric {k!r} must be callable f(preds, target), got "
-                                f"{type(m).__name__}")
+                raise TypeError(
+                    f"metric {k!r} must be callable f(preds, target), got {type(m).__name__}"
+                )
         self.metrics = metrics
         self.log: list[dict] = []
 
     def _log(self, d: dict) -> None:
-        print("  ".join(v if k == "train" else f"{k} {v:.4f}" if isinstance(v, float)
-                        else f"{k} {v}" for k, v in d.items()), flush=True)
+        print(
+            "  ".join(
+                v if k == "train" else f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in d.items()
+            ),
+            flush=True,
+        )
 
     def before_fit(self, learn):
         learn.metrics = self
@@ -73,8 +79,11 @@ class MetricsCB(Callback):
         self._n += n
         self._sums["loss"] = self._sums["loss"] + learn.loss.detach().float() * n
         if self.metrics:
-            y = learn.batch[1] if isinstance(learn.batch, (list, tuple)) and len(learn.batch) > 1 \
+            y = (
+                learn.batch[1]
+                if isinstance(learn.batch, (list, tuple)) and len(learn.batch) > 1
                 else None
+            )
             preds = learn.preds.detach() if isinstance(learn.preds, torch.Tensor) else learn.preds
             for k, m in self.metrics.items():
                 v = m(preds, y)
@@ -125,8 +134,10 @@ class BatchSchedCB(Callback):
 
     def __init__(self, sched: Callable):
         if not callable(sched):
-            raise TypeError("sched must be a callable opt -> LR scheduler (e.g. a functools."
-                            f"partial of OneCycleLR), got {type(sched).__name__}")
+            raise TypeError(
+                "sched must be a callable opt -> LR scheduler (e.g. a functools."
+                f"partial of OneCycleLR), got {type(sched).__name__}"
+            )
         self.sched = sched
 
     def before_fit(self, learn):
@@ -152,5 +163,3 @@ class EpochSchedCB(BatchSchedCB):
 
     def after_epoch(self, learn):
         self._step(learn)
-
-

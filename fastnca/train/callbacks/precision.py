@@ -19,8 +19,13 @@ from fastnca.train.learner import Callback, _n_inp_ok
 
 __all__ = ["AccelerateCB", "CompileCB", "MixedPrecision", "check_autocast"]
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "half": torch.float16}
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 _ACC_PRECISIONS = ("no", "bf16", "fp16")
 
 
@@ -33,8 +38,9 @@ def check_autocast(device_type: str, dtype: torch.dtype) -> None:
     """Raise ValueError when ``torch.autocast(device_type, dtype)`` would not run (torch only
     warns and silently disables it)."""
     if device_type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise ValueError("MixedPrecision(bfloat16): this GPU does not support bfloat16; "
-                         "use dtype=torch.float16")
+        raise ValueError(
+            "MixedPrecision(bfloat16): this GPU does not support bfloat16; use dtype=torch.float16"
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -44,9 +50,11 @@ def check_autocast(device_type: str, dtype: torch.dtype) -> None:
             raise ValueError(f"autocast to {dtype} is not available on {device_type}: {e}") from e
     bad = [str(w.message) for w in caught if "not supported" in str(w.message)]
     if bad or not enabled:
-        raise ValueError(f"autocast to {dtype} is not supported on {device_type}"
-                         + (f" ({bad[0].splitlines()[-1]})" if bad else "")
-                         + "; pick another dtype or device")
+        raise ValueError(
+            f"autocast to {dtype} is not supported on {device_type}"
+            + (f" ({bad[0].splitlines()[-1]})" if bad else "")
+            + "; pick another dtype or device"
+        )
 
 
 class MixedPrecision(Callback):
@@ -64,15 +72,20 @@ class MixedPrecision(Callback):
     def __init__(self, dtype: torch.dtype | str = torch.bfloat16, **scaler_kwargs):
         if isinstance(dtype, str):
             if dtype.lower() not in _DTYPES:
-                raise ValueError(f"dtype must be torch.bfloat16 or torch.float16 (or 'bf16', "
-                                 f"'fp16'), got {dtype!r}")
+                raise ValueError(
+                    f"dtype must be torch.bfloat16 or torch.float16 (or 'bf16', "
+                    f"'fp16'), got {dtype!r}"
+                )
             dtype = _DTYPES[dtype.lower()]
         if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be torch.bfloat16 or torch.float16 (or 'bf16', 'fp16'), "
-                             f"got {dtype!r}")
+            raise ValueError(
+                f"dtype must be torch.bfloat16 or torch.float16 (or 'bf16', 'fp16'), got {dtype!r}"
+            )
         if scaler_kwargs and dtype != torch.float16:
-            raise ValueError(f"GradScaler options ({', '.join(scaler_kwargs)}) only apply to "
-                             "dtype=torch.float16; bfloat16 needs no gradient scaling")
+            raise ValueError(
+                f"GradScaler options ({', '.join(scaler_kwargs)}) only apply to "
+                "dtype=torch.float16; bfloat16 needs no gradient scaling"
+            )
         self.dtype, self.scaler_kwargs = dtype, scaler_kwargs
         self._ctx = None
 
@@ -80,8 +93,9 @@ class MixedPrecision(Callback):
         self.device_type = _model_device(learn.model).type
         check_autocast(self.device_type, self.dtype)
         fp16 = self.dtype == torch.float16
-        learn.scaler = (torch.amp.GradScaler(self.device_type, **self.scaler_kwargs) if fp16
-                        else None)
+        learn.scaler = (
+            torch.amp.GradScaler(self.device_type, **self.scaler_kwargs) if fp16 else None
+        )
 
     def before_batch(self, learn):
         self._ctx = torch.autocast(self.device_type, dtype=self.dtype)
@@ -151,8 +165,10 @@ class AccelerateCB(Callback):
         self.mixed_precision = mixed_precision
         self.acc = _make_accelerator(mixed_precision, **accelerator_kwargs)
         if mixed_precision == "fp16" and self.acc.device.type == "cpu":
-            raise ValueError("AccelerateCB(mixed_precision='fp16') needs a GPU (Accelerate does "
-                             "not scale fp16 gradients on CPU); use 'bf16' on CPU")
+            raise ValueError(
+                "AccelerateCB(mixed_precision='fp16') needs a GPU (Accelerate does "
+                "not scale fp16 gradients on CPU); use 'bf16' on CPU"
+            )
 
     @property
     def num_processes(self) -> int:
@@ -164,9 +180,12 @@ class AccelerateCB(Callback):
         if isinstance(dl, MultDL) and isinstance(dl.dl, DataLoader):
             return MultDL(self.acc.prepare(dl.dl), dl.mult)
         if self.acc.num_processes > 1:
-            warnings.warn(f"AccelerateCB: a {type(dl).__name__} loader is not a DataLoader and is "
-                          "not sharded: every process sees the same batches", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"AccelerateCB: a {type(dl).__name__} loader is not a DataLoader and is "
+                "not sharded: every process sees the same batches",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return dl
 
     def before_fit(self, learn):

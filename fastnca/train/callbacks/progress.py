@@ -32,11 +32,16 @@ class ProgressCB(Callback):
 
     order = MetricsCB.order + 1
 
-    def __init__(self, plot: str | os.PathLike | None = None, file: TextIO | None = None,
-                 lines: int = 10, refresh: float = 0.2):
+    def __init__(
+        self,
+        plot: str | os.PathLike | None = None,
+        file: TextIO | None = None,
+        lines: int = 10,
+        refresh: float = 0.2,
+    ):
         if isinstance(plot, bool):
             raise TypeError("plot must be a path for the PNG (e.g. 'loss.png') or None, got a bool")
-        check_int('lines', lines, 1)
+        check_int("lines", lines, 1)
         self.plot, self.file, self.lines, self.refresh = plot, file, lines, refresh
         self.losses: list[float] = []
 
@@ -113,8 +118,10 @@ class ProgressCB(Callback):
             pos = f"[{bar}] {self._n}/{self._total}"
         else:
             pos = f"{self._n}"
-        return (f"epoch {learn.epoch} {phase} {pos}  "
-                f"loss {float(self._sum) / self._n:.4f}  {rate:.2f} it/s")
+        return (
+            f"epoch {learn.epoch} {phase} {pos}  "
+            f"loss {float(self._sum) / self._n:.4f}  {rate:.2f} it/s"
+        )
 
     def _draw(self, learn, now: float) -> None:
         self._last_draw = now
