@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastnca._checks import acc_dtype
+
 # The NCA perception bank of the fast.ai lesson: identity, sobel_x, sobel_y, laplacian, unscaled.
 # Filters are cross-correlation kernels (like F.conv2d): out[i, j] = sum_ab k[a, b] x[i+a-1, j+b-1].
 _SOBEL_X = [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]
@@ -107,9 +109,9 @@ def perceive_shifts(
     input) and returns x's dtype.
     """
     B, C, H, W = x.shape
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xp = pad1(x.to(acc_dtype), padding)  # (B, C, H+2, W+2)
-    k = filters.to(device=x.device, dtype=acc_dtype)  # (F, 3, 3)
+    acc = acc_dtype(x.dtype)
+    xp = pad1(x.to(acc), padding)  # (B, C, H+2, W+2)
+    k = filters.to(device=x.device, dtype=acc)  # (F, 3, 3)
     out = None
     for a in range(3):
         for b in range(3):
@@ -125,9 +127,9 @@ def perceive_backward_ref(grad_out: torch.Tensor, filters: torch.Tensor) -> torc
     """
     B, CF, H, W = grad_out.shape
     Fn = filters.shape[0]
-    acc_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-    gp = circular_pad1(grad_out.to(acc_dtype).reshape(B, CF // Fn, Fn, H, W))
-    k = filters.to(device=grad_out.device, dtype=acc_dtype)
+    acc = acc_dtype(grad_out.dtype)
+    gp = circular_pad1(grad_out.to(acc).reshape(B, CF // Fn, Fn, H, W))
+    k = filters.to(device=grad_out.device, dtype=acc)
     out = None
     for a in range(3):
         for b in range(3):

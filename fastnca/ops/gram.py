@@ -25,6 +25,7 @@ try:  # Triton is optional: without it every device runs the torch composite (op
     from fastnca.kernels.gram import gram_bwd, gram_fwd, style_fwd
 except ImportError:
     gram_bwd = gram_fwd = style_fwd = None
+from fastnca._checks import acc_dtype
 from fastnca.ops._backend import use_triton
 from fastnca.ops._checks import (
     check_channels,
@@ -92,8 +93,7 @@ _style_op.register_autograd(_style_backward, setup_context=_style_setup)
 # Composites (CPU and float64): inductor fuses the elementwise parts around the bmm.
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_acc = acc_dtype  # the arithmetic dtype of every op (fastnca._checks)
 
 
 # Blocked CPU reduction for float32 Grams over many pixels. One float32 gemm over N = H*W terms

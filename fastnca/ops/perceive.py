@@ -18,6 +18,7 @@ try:  # Triton is optional: without it every device runs the torch composite (op
     from fastnca.kernels.perceive import perceive_bwd, perceive_fwd
 except ImportError:
     perceive_bwd = perceive_fwd = None
+from fastnca._checks import acc_dtype
 from fastnca.ops._backend import use_triton
 from fastnca.ops._checks import check_channels, check_filters, check_real_device, check_tensor
 from fastnca.reference import DEFAULT_FILTERS, circular_pad1
@@ -52,7 +53,7 @@ def perceive_composite(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     half conv) and float64 for float64, and returns x's dtype.
     """
     C = x.shape[1]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     weight = filters.to(acc)[:, None].repeat(C, 1, 1, 1)  # (C*F, 1, 3, 3): filter f of group c
     y = F.conv2d(circular_pad1(x.to(acc)), weight, groups=C)
     return y.to(x.dtype)
