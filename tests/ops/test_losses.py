@@ -29,8 +29,9 @@ def swd_by_transport(f, t, dirs):
     B, C = f.shape[:2]
     pf = torch.einsum("pc,bcn->bpn", dirs, f.reshape(B, C, -1))
     pt = torch.einsum("pc,bcn->bpn", dirs, t.reshape(t.shape[0], C, -1)).expand_as(pf)
-    return torch.stack([w2_by_transport(pf[b, p], pt[b, p])
-                        for b in range(B) for p in range(dirs.shape[0])]).mean()
+    return torch.stack(
+        [w2_by_transport(pf[b, p], pt[b, p]) for b in range(B) for p in range(dirs.shape[0])]
+    ).mean()
 
 
 def test_reexports():
@@ -52,7 +53,8 @@ def test_swd_is_the_optimal_transport_cost_and_is_reproducible():
     f = [torch.randn(2, 5, 4, 3, dtype=F64), torch.randn(2, 7, 3, 3, dtype=F64)]
     t = [torch.randn(1, 5, 6, 5, dtype=F64), torch.randn(2, 7, 3, 3, dtype=F64)]
     assert sliced_wasserstein_loss(f, t, generator=_gen(3)) == sliced_wasserstein_loss(
-        f, t, generator=_gen(3))
+        f, t, generator=_gen(3)
+    )
     torch.manual_seed(5)
     a = sliced_wasserstein_loss(f, t)
     torch.manual_seed(5)
@@ -80,7 +82,8 @@ def test_swd_gradcheck():
     f = torch.randn(2, 3, 3, 4, dtype=F64, requires_grad=True)
     t = torch.randn(1, 3, 5, 3, dtype=F64)
     assert torch.autograd.gradcheck(
-        lambda x: sliced_wasserstein_loss(x, t, n_projections=4, generator=_gen()), (f,))
+        lambda x: sliced_wasserstein_loss(x, t, n_projections=4, generator=_gen()), (f,)
+    )
 
 
 def test_swd_decreases_under_optimisation():
@@ -102,8 +105,9 @@ def test_swd_half_and_compile():
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    cf = torch.compile(lambda a, b: sliced_wasserstein_loss([a], [b], n_projections=8),
-                       fullgraph=True)
+    cf = torch.compile(
+        lambda a, b: sliced_wasserstein_loss([a], [b], n_projections=8), fullgraph=True
+    )
     a = torch.randn(2, 4, 5, 6, requires_grad=True)
     b = torch.randn(1, 4, 7, 3)
     torch.manual_seed(3)
@@ -145,20 +149,55 @@ def test_overflow_loss():
     "feats, targets, kw, err, match",
     [
         ([], [], {}, ValueError, "feats is empty"),
-        ([torch.zeros(1, 3, 2, 2)], [torch.zeros(1, 4, 2, 2)], {}, ValueError,
-         r"target_feats\[0\] has 4 channels but feats\[0\] has 3"),
-        ([torch.zeros(2, 3, 2, 2)], [torch.zeros(3, 3, 2, 2)], {}, ValueError,
-         r"target_feats\[0\] has batch 3 but feats\[0\] has batch 2"),
-        ([torch.zeros(1, 3, 2, 2)] * 2, [torch.zeros(1, 3, 2, 2)], {}, ValueError,
-         "target_feats has 1 layers but feats has 2"),
-        ([torch.zeros(3, 2, 2)], [torch.zeros(1, 3, 2, 2)], {}, ValueError,
-         r"feats\[0\] must be 4-D"),
-        ([torch.zeros(1, 3, 2, 2)], [torch.zeros(1, 3, 2, 2, dtype=torch.int64)], {}, TypeError,
-         r"target_feats\[0\] must be a floating"),
-        ([torch.zeros(1, 3, 2, 2)], [torch.zeros(1, 3, 2, 2)], {"weights": [1.0, 2.0]},
-         ValueError, "weights has 2 entries but feats has 1 layers"),
-        ([torch.zeros(1, 3, 2, 2)], [torch.zeros(1, 3, 2, 2)], {"n_projections": 0}, ValueError,
-         "n_projections: expected a positive int"),
+        (
+            [torch.zeros(1, 3, 2, 2)],
+            [torch.zeros(1, 4, 2, 2)],
+            {},
+            ValueError,
+            r"target_feats\[0\] has 4 channels but feats\[0\] has 3",
+        ),
+        (
+            [torch.zeros(2, 3, 2, 2)],
+            [torch.zeros(3, 3, 2, 2)],
+            {},
+            ValueError,
+            r"target_feats\[0\] has batch 3 but feats\[0\] has batch 2",
+        ),
+        (
+            [torch.zeros(1, 3, 2, 2)] * 2,
+            [torch.zeros(1, 3, 2, 2)],
+            {},
+            ValueError,
+            "target_feats has 1 layers but feats has 2",
+        ),
+        (
+            [torch.zeros(3, 2, 2)],
+            [torch.zeros(1, 3, 2, 2)],
+            {},
+            ValueError,
+            r"feats\[0\] must be 4-D",
+        ),
+        (
+            [torch.zeros(1, 3, 2, 2)],
+            [torch.zeros(1, 3, 2, 2, dtype=torch.int64)],
+            {},
+            TypeError,
+            r"target_feats\[0\] must be a floating",
+        ),
+        (
+            [torch.zeros(1, 3, 2, 2)],
+            [torch.zeros(1, 3, 2, 2)],
+            {"weights": [1.0, 2.0]},
+            ValueError,
+            "weights has 2 entries but feats has 1 layers",
+        ),
+        (
+            [torch.zeros(1, 3, 2, 2)],
+            [torch.zeros(1, 3, 2, 2)],
+            {"n_projections": 0},
+            ValueError,
+            "n_projections: expected a positive int",
+        ),
     ],
 )
 def test_swd_bad_inputs(feats, targets, kw, err, match):
