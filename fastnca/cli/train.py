@@ -178,6 +178,15 @@ def run(args) -> int:
         plan = TrainingRun(args.style, args.out, args.preset, resume=args.resume, **overrides)
     except (ValueError, TypeError) as e:
         raise UsageError(first_line(e)) from None
+    except KeyboardInterrupt:  # while checking the inputs: nothing was written
+        if args.resume is None:
+            raise
+        print(
+            f"fastnca train: interrupted before training; {args.resume} is unchanged; continue "
+            f"with: fastnca train --resume {args.resume}",
+            file=sys.stderr,
+        )
+        return 130
     cfg = plan.cfg
     print(
         f"fastnca train: {cfg.preset} preset, {cfg.size}x{cfg.size} grids, {cfg.channels} "

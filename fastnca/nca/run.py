@@ -182,10 +182,12 @@ class TrainingRun:
     def run(
         self, progress: bool = True, gif_frames: int = 48, gif_steps_per_frame: int = 8
     ) -> TrainResult:
-        with RunLock(self.run_dir):
-            return self._run(progress, gif_frames, gif_steps_per_frame)
+        # SIGINT/SIGTERM are handled from the lock to the last file: a stop before, during or after
+        # the iterations always ends at a consistent state with a one-line message.
+        with RunLock(self.run_dir), GracefulStop() as stop:
+            return self._run(progress, gif_frames, gif_steps_per_frame, stop)
 
-    def _run(self, progress, gif_frames, gif_steps_per_frame) -> TrainResult:
+    def _run(self, progress, gif_frames, gif_steps_per_frame, stop: GracefulStop) -> TrainResult:
         from fastnca._io import atomic_write_json
         from fastnca.nca.checkpoint import model_config, save_checkpoint
         from fastnca.nca.render import grow, plot_losses, pool_image, write_animation
@@ -231,7 +233,6 @@ class TrainingRun:
                 capture(learn, nca.iteration, extra),
             )
 
-        stop = GracefulStop()
         learn = self._learner(model, nca, save, stop)
         atomic_write_json(info, files["config"])
         if not self.resumed:
@@ -239,19 +240,20 @@ class TrainingRun:
         threads = torch.get_num_threads()
         if cfg.threads and dev.type == "cpu":
             torch.set_num_threads(cfg.threads)
+        resume = f"continue with: fastnca train --resume {run}"
+        if stop.signum is not None:  # before the first iteration: nothing new to save
+            what = "the run is unchanged; " + resume if self.resumed else "nothing was trained"
+            raise TrainingStopped(stop.signum, f"stopped before training; {what}")
         t0 = time.perf_counter()
         try:
-            with stop:
-                learn.fit(1, train=True, valid=False)
+            learn.fit(1, train=True, valid=False)
         finally:
             seconds = time.perf_counter() - t0
             torch.set_num_threads(threads)
         if stop.signum is not None:
             raise TrainingStopped(
                 stop.signum,
-                f"stopped after {nca.iteration} iterations; saved "
-                f"{files['checkpoint']}; continue with: fastnca train "
-                f"--resume {run}",
+                f"stopped after {nca.iteration} iterations; saved {files['checkpoint']}; {resume}",
             )
         model.eval()
         with torch.no_grad():
@@ -266,6 +268,12 @@ class TrainingRun:
             seconds_per_iteration=round(seconds / max(1, nca.iteration - done), 4),
         )
         atomic_write_json(info, files["config"])
+        if stop.signum is not None:  # during the final images: the checkpoint is complete
+            raise TrainingStopped(
+                stop.signum,
+                f"stopped after {nca.iteration} iterations (all of them); saved "
+                f"{files['checkpoint']}; {resume} with a larger --iters",
+            )
         return TrainResult(model, cfg, nca.losses, run, seconds, files)
 
 

@@ -99,7 +99,8 @@ def test_second_train_on_the_same_dir_fails_at_once_naming_the_pid(tmp_path):
 
 
 def test_sigterm_then_sigint_then_resume_equals_an_unbroken_run(tmp_path):
-    iters = ["--iters", "30"]
+    n = 400  # long enough that each signal lands while iterations remain (tiny ones are fast)
+    iters = ["--iters", str(n)]
     broken, whole = tmp_path / "broken", tmp_path / "whole"
     unbroken = _start("-o", whole, *iters, *TINY)  # runs while the broken one is stopped
     p = _start("-o", broken, *iters, *TINY)
@@ -109,7 +110,7 @@ def test_sigterm_then_sigint_then_resume_equals_an_unbroken_run(tmp_path):
     assert rc == 143, err
     assert f"continue with: fastnca train --resume {broken}" in err and "Traceback" not in err
     first = load_checkpoint(broken).iteration
-    assert 0 < first < 30
+    assert 0 < first < n
     p = _start("--resume", broken, *iters)
     _wait_for_training(p, broken)
     p.send_signal(signal.SIGINT)
@@ -117,14 +118,14 @@ def test_sigterm_then_sigint_then_resume_equals_an_unbroken_run(tmp_path):
     assert rc == 130, err
     assert "--resume" in err and "Traceback" not in err
     second = load_checkpoint(broken).iteration
-    assert first <= second < 30
+    assert first <= second < n
     p = _start("--resume", broken, *iters)
     rc, err = _finish(p)
     assert rc == 0, err
     rc, err = _finish(unbroken)
     assert rc == 0, err
     a, b = load_checkpoint(broken), load_checkpoint(whole)
-    assert a.iteration == b.iteration == 30
+    assert a.iteration == b.iteration == n
     assert a.losses == b.losses  # bit for bit, across both stops
 
 
