@@ -198,6 +198,8 @@ class TrainingRun:
         torch.manual_seed(cfg.seed)
         model = (self.ckpt.build_model() if self.ckpt is not None else build_model(cfg)).to(dev)
         nca = NCACB(cfg, state=self.pool, iteration=done, losses=self.losses)
+        if self.ckpt is not None:  # reseeds so far, so the count continues across a resume
+            nca.n_reseeds = int(self.ckpt.train["extra"].get("n_reseeds", 0))
         files = {
             k: run / v
             for k, v in dict(

@@ -76,3 +76,15 @@ def test_out_dir_must_be_new_or_empty_and_stale_temps_go(tmp_path):
     (run / ".checkpoint.pt.x1y2.tmp").write_bytes(b"left by a killed writer")
     train_texture(resume=run, iters=2, **KW)
     assert not list(run.glob(".*.tmp"))
+
+
+def test_resume_continues_the_reseed_count(tmp_path):
+    from fastnca.nca.run import TrainingRun
+
+    run = tmp_path / "r"
+    train_texture(None, run, "quick", iters=4, **dict(TINY, seed_every=2), **KW)
+    saved = load_checkpoint(run).train["extra"]["n_reseeds"]
+    assert saved == 2  # iterations 0 and 2 reseeded
+    plan = TrainingRun(resume=run, iters=6)
+    plan.run(progress=False, gif_frames=1, gif_steps_per_frame=1)
+    assert load_checkpoint(run).train["extra"]["n_reseeds"] == 3  # + iteration 4
