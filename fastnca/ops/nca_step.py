@@ -38,7 +38,7 @@ from fastnca.ops._checks import (
     check_same_device,
     check_tensor,
 )
-from fastnca.ops._nca_cpu import _acc, _adjoint_planes, _chunk, _fired, _perceive_planes, _taps
+from fastnca.ops._nca_cpu import _acc, _cpu_backward, _cpu_forward
 from fastnca.ops.nca_step_options import check_options, nca_step_options
 from fastnca.reference import DEFAULT_FILTERS, perceive_shifts
 
@@ -100,69 +100,6 @@ _nca_step_op.register_autograd(
 )
 
 # ------------------------------------------------------------- CPU: the MLP on fired cells only
-
-
-def _cpu_forward(x, w1, b1, w2, b2, mask, filters):
-    # The MLP on fired cells only, in column blocks of _chunk() cells. -> (B, C, H, W) in x.dtype.
-    dt = _acc(x)
-    B, C, H, W = x.shape
-    NF, N = filters.shape[0], B * H * W
-    taps = _taps(filters)
-    idx, vals = _fired(mask, dt)
-    w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)  # columns f*C + c
-    p = _perceive_planes(x.to(dt), taps).view(NF * C, N)
-    out = torch.empty((C, B, H, W), dtype=dt)
-    out.copy_(x.transpose(0, 1))  # (C, B*H*W) below: fired columns get their update
-    b1c = None if b1 is None else b1.to(dt)[:, None]
-    b2c = None if b2 is None else b2.to(dt)[:, None]
-    w2c = w2.to(dt)
-    chunk = _chunk()
-    for lo in range(0, idx.numel(), chunk):
-        ic = idx[lo : lo + chunk]
-        pc = p.index_select(1, ic)  # (F*C, n)
-        a = w1p @ pc if b1c is None else torch.addmm(b1c, w1p, pc)  # (HID, n)
-        y = w2c @ a.relu_() if b2c is None else torch.addmm(b2c, w2c, a.relu_())
-        if vals is not None:
-            y.mul_(vals[lo : lo + chunk])
-        out.view(C, N).scatter_add_(1, ic.expand(C, -1), y)
-    return out.view(C, B, H, W).transpose(0, 1).to(x.dtype).contiguous()
-
-
-def _cpu_backward(grad, x, w1, b1, w2, mask, filters):
-    # -> (dx in grad's dtype, dw1, db1, dw2, db2 in the accumulation dtype), like nca_step_bwd.
-    dt = _acc(x)
-    B, C, H, W = x.shape
-    NF, N = filters.shape[0], B * H * W
-    taps = _taps(filters)
-    idx, vals = _fired(mask, dt)
-    w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)
-    w2c = w2.to(dt)
-    b1c = None if b1 is None else b1.to(dt)[:, None]
-    p = _perceive_planes(x.to(dt), taps).view(NF * C, N)
-    g = grad.to(dt)
-    gT = g.transpose(0, 1).reshape(C, N)
-    dp = torch.zeros((NF * C, N), dtype=dt)
-    dw1p = torch.zeros_like(w1p)
-    dw2 = torch.zeros_like(w2c)
-    db1 = torch.zeros(w1p.shape[0], dtype=dt)
-    db2 = torch.zeros(C, dtype=dt)
-    chunk = _chunk()
-    for lo in range(0, idx.numel(), chunk):
-        ic = idx[lo : lo + chunk]
-        pc = p.index_select(1, ic)  # (F*C, n)
-        h = (w1p @ pc if b1c is None else torch.addmm(b1c, w1p, pc)).relu_()  # (HID, n)
-        gy = gT.index_select(1, ic)  # (C, n)
-        if vals is not None:
-            gy.mul_(vals[lo : lo + chunk])
-        dw2.addmm_(gy, h.t())
-        db2.add_(gy.sum(1))
-        da = torch.ops.aten.threshold_backward(w2c.t() @ gy, h, 0)  # (HID, n)
-        dw1p.addmm_(da, pc.t())
-        db1.add_(da.sum(1))
-        dp.scatter_(1, ic.expand(NF * C, -1), w1p.t() @ da)
-    dx = _adjoint_planes(dp.view(NF, C, B, H, W), g, taps)
-    dw1 = dw1p.view(-1, NF, C).transpose(1, 2).reshape(w1.shape)
-    return dx.to(grad.dtype).contiguous(), dw1, db1, dw2, db2
 
 
 @torch.library.custom_op("fastnca::nca_step_cpu", mutates_args=(), device_types="cpu")

@@ -232,7 +232,7 @@ def test_cpu_paths_float64(case, path):
 
 def test_cpu_path_blocks_of_cells(monkeypatch):
     # Fired cells go through the MLP in blocks: make them 7 cells to cross block edges.
-    monkeypatch.setattr(sys.modules["fastnca.ops.nca_step"], "_chunk", lambda: 7)
+    monkeypatch.setattr(sys.modules["fastnca.ops._nca_cpu"], "_chunk", lambda: 7)
     a = make(2, 3, 6, 5, 10, b2=True, mask="float")
     leaves = [a[k].clone().requires_grad_() for k in ("x", "w1", "b1", "w2", "b2")]
     out = nca_step(*leaves, mask=a["mask"], filters=a["filters"])
