@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from fastnca._checks import acc_dtype
+from fastnca.ops._cpu_parallel import channel_parts, n_parts, run_parts, split
+from fastnca.ops._stencil_cpu import adjoint_into, filter_taps, fold_circular, planes_into
 from fastnca.reference import circular_pad1
 
 
@@ -20,10 +22,7 @@ def _chunk() -> int:
 
 def _taps(filters):
     # Non-zero taps (a, e, value) of each filter, read on the host (the CPU path's bank is on CPU).
-    return [
-        [(a, e, v) for a, row in enumerate(kf) for e, v in enumerate(row) if v != 0]
-        for kf in filters.tolist()
-    ]
+    return filter_taps(filters)
 
 
 def _perceive_planes(x, taps, zero_pad=False):
@@ -34,17 +33,7 @@ def _perceive_planes(x, taps, zero_pad=False):
     xt = x.transpose(0, 1)
     xp = F.pad(xt, (1, 1, 1, 1)) if zero_pad else circular_pad1(xt)  # (C, B, H+2, W+2), one copy
     out = torch.empty((len(taps), C, B, H, W), dtype=x.dtype)
-    for f, tf in enumerate(taps):
-        o = out[f]
-        if not tf:
-            o.zero_()
-            continue
-        a, e, v = tf[0]
-        o.copy_(xp[:, :, a : a + H, e : e + W])
-        if v != 1:
-            o.mul_(v)
-        for a, e, v in tf[1:]:
-            o.add_(xp[:, :, a : a + H, e : e + W], alpha=v)
+    planes_into(xp, taps, list(out))
     return out
 
 
@@ -55,16 +44,10 @@ def _adjoint_planes(dp, g, taps, zero_pad=False):
     B, C, H, W = g.shape
     acc = torch.zeros((C, B, H + 2, W + 2), dtype=dp.dtype)
     acc[:, :, 1 : H + 1, 1 : W + 1] = g.transpose(0, 1)
-    for f, tf in enumerate(taps):
-        for a, e, v in tf:
-            acc[:, :, a : a + H, e : e + W].add_(dp[f], alpha=v)
+    adjoint_into(acc, list(dp), taps)
     if zero_pad:
         return acc[:, :, 1 : H + 1, 1 : W + 1].transpose(0, 1)
-    acc[:, :, 1].add_(acc[:, :, H + 1])
-    acc[:, :, H].add_(acc[:, :, 0])
-    acc[:, :, 1 : H + 1, 1].add_(acc[:, :, 1 : H + 1, W + 1])
-    acc[:, :, 1 : H + 1, W].add_(acc[:, :, 1 : H + 1, 0])
-    return acc[:, :, 1 : H + 1, 1 : W + 1].transpose(0, 1)
+    return fold_circular(acc).transpose(0, 1)
 
 
 def _fired(mask, dtype):
@@ -83,64 +66,119 @@ def _acc(t):
 # ------------------------------------------- the plain step on CPU: the MLP on fired cells only
 
 
-def _cpu_forward(x, w1, b1, w2, b2, mask, filters):
-    # The MLP on fired cells only, in column blocks of _chunk() cells. -> (B, C, H, W) in x.dtype.
+def _setup(x, w1, b1, w2, mask, filters):
+    # What forward and backward share: the fired cells, the weights in the planes' row order
+    # (f*C + c), and the state in (C, B, H, W) layout (a view).
     dt = _acc(x)
-    B, C, H, W = x.shape
-    NF, N = filters.shape[0], B * H * W
-    taps = _taps(filters)
+    C, NF = x.shape[1], filters.shape[0]
     idx, vals = _fired(mask, dt)
-    w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)  # columns f*C + c
-    p = _perceive_planes(x.to(dt), taps).view(NF * C, N)
-    out = torch.empty((C, B, H, W), dtype=dt)
-    out.copy_(x.transpose(0, 1))  # (C, B*H*W) below: fired columns get their update
+    w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)
     b1c = None if b1 is None else b1.to(dt)[:, None]
+    xt = x.to(dt).transpose(0, 1)
+    return dt, _taps(filters), idx, vals, w1p, b1c, w2.to(dt), xt
+
+
+MIN_FIRED = 2048  # fired cells per MLP part at least
+
+
+def _cell_parts(idx):
+    # Parts of the MLP over fired cells: contiguous runs of at least MIN_FIRED cells.
+    return split(idx.numel(), n_parts(idx.numel(), MIN_FIRED))
+
+
+def _cpu_forward(x, w1, b1, w2, b2, mask, filters):
+    # The MLP on fired cells only, in column blocks of _chunk() cells, parts on every thread
+    # (ops._cpu_parallel). -> (B, C, H, W) in x.dtype.
+    B, C, H, W = x.shape
+    N = B * H * W
+    dt, taps, idx, vals, w1p, b1c, w2c, xt = _setup(x, w1, b1, w2, mask, filters)
     b2c = None if b2 is None else b2.to(dt)[:, None]
-    w2c = w2.to(dt)
-    chunk = _chunk()
-    for lo in range(0, idx.numel(), chunk):
-        ic = idx[lo : lo + chunk]
-        pc = p.index_select(1, ic)  # (F*C, n)
-        a = w1p @ pc if b1c is None else torch.addmm(b1c, w1p, pc)  # (HID, n)
-        y = w2c @ a.relu_() if b2c is None else torch.addmm(b2c, w2c, a.relu_())
-        if vals is not None:
-            y.mul_(vals[lo : lo + chunk])
-        out.view(C, N).scatter_add_(1, ic.expand(C, -1), y)
-    return out.view(C, B, H, W).transpose(0, 1).to(x.dtype).contiguous()
+    p = torch.empty((len(taps), C, B, H, W), dtype=dt)
+    out = torch.empty((C, B, H, W), dtype=dt)  # (C, B*H*W) below: fired columns get their update
+    cparts = channel_parts(C, N)
+
+    def planes(i):
+        c0, c1 = cparts[i]
+        planes_into(circular_pad1(xt[c0:c1]), taps, [pf[c0:c1] for pf in p])
+        out[c0:c1].copy_(xt[c0:c1])
+
+    run_parts(planes, len(cparts))
+    p, out2 = p.view(-1, N), out.view(C, N)
+    mparts = _cell_parts(idx)
+
+    def mlp(i):
+        lo, hi = mparts[i]
+        chunk = _chunk()
+        for s in range(lo, hi, chunk):
+            ic = idx[s : min(s + chunk, hi)]
+            pc = p.index_select(1, ic)  # (F*C, n)
+            a = w1p @ pc if b1c is None else torch.addmm(b1c, w1p, pc)  # (HID, n)
+            y = w2c @ a.relu_() if b2c is None else torch.addmm(b2c, w2c, a.relu_())
+            if vals is not None:
+                y.mul_(vals[s : s + ic.numel()])
+            out2.scatter_add_(1, ic.expand(C, -1), y)  # parts own disjoint columns
+
+    run_parts(mlp, len(mparts))
+    return out.transpose(0, 1).to(x.dtype).contiguous()
 
 
 def _cpu_backward(grad, x, w1, b1, w2, mask, filters):
     # -> (dx in grad's dtype, dw1, db1, dw2, db2 in the accumulation dtype), like nca_step_bwd.
-    dt = _acc(x)
     B, C, H, W = x.shape
-    NF, N = filters.shape[0], B * H * W
-    taps = _taps(filters)
-    idx, vals = _fired(mask, dt)
-    w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)
-    w2c = w2.to(dt)
-    b1c = None if b1 is None else b1.to(dt)[:, None]
-    p = _perceive_planes(x.to(dt), taps).view(NF * C, N)
-    g = grad.to(dt)
-    gT = g.transpose(0, 1).reshape(C, N)
-    dp = torch.zeros((NF * C, N), dtype=dt)
-    dw1p = torch.zeros_like(w1p)
-    dw2 = torch.zeros_like(w2c)
-    db1 = torch.zeros(w1p.shape[0], dtype=dt)
-    db2 = torch.zeros(C, dtype=dt)
-    chunk = _chunk()
-    for lo in range(0, idx.numel(), chunk):
-        ic = idx[lo : lo + chunk]
-        pc = p.index_select(1, ic)  # (F*C, n)
-        h = (w1p @ pc if b1c is None else torch.addmm(b1c, w1p, pc)).relu_()  # (HID, n)
-        gy = gT.index_select(1, ic)  # (C, n)
-        if vals is not None:
-            gy.mul_(vals[lo : lo + chunk])
-        dw2.addmm_(gy, h.t())
-        db2.add_(gy.sum(1))
-        da = torch.ops.aten.threshold_backward(w2c.t() @ gy, h, 0)  # (HID, n)
-        dw1p.addmm_(da, pc.t())
-        db1.add_(da.sum(1))
-        dp.scatter_(1, ic.expand(NF * C, -1), w1p.t() @ da)
-    dx = _adjoint_planes(dp.view(NF, C, B, H, W), g, taps)
+    N = B * H * W
+    dt, taps, idx, vals, w1p, b1c, w2c, xt = _setup(x, w1, b1, w2, mask, filters)
+    NF = len(taps)
+    gt = grad.to(dt).transpose(0, 1)
+    p = torch.empty((NF, C, B, H, W), dtype=dt)
+    dp = torch.empty((NF, C, B, H, W), dtype=dt)
+    gT = torch.empty((C, B, H, W), dtype=dt)
+    acc = torch.empty((C, B, H + 2, W + 2), dtype=dt)
+    cparts = channel_parts(C, N)
+
+    def planes(i):
+        c0, c1 = cparts[i]
+        planes_into(circular_pad1(xt[c0:c1]), taps, [pf[c0:c1] for pf in p])
+        gT[c0:c1].copy_(gt[c0:c1])
+        dp[:, c0:c1].zero_()  # resting cells have no dP
+
+    run_parts(planes, len(cparts))
+    p, dp2, gT2 = p.view(-1, N), dp.view(-1, N), gT.view(C, N)
+    mparts = _cell_parts(idx)
+
+    def mlp(i):
+        # Weight gradients of this part's cells (summed over parts below) and its dP columns.
+        lo, hi = mparts[i]
+        dw1p, dw2 = torch.zeros_like(w1p), torch.zeros_like(w2c)
+        db1, db2 = torch.zeros(w1p.shape[0], dtype=dt), torch.zeros(C, dtype=dt)
+        chunk = _chunk()
+        for s in range(lo, hi, chunk):
+            ic = idx[s : min(s + chunk, hi)]
+            pc = p.index_select(1, ic)  # (F*C, n)
+            h = (w1p @ pc if b1c is None else torch.addmm(b1c, w1p, pc)).relu_()  # (HID, n)
+            gy = gT2.index_select(1, ic)  # (C, n)
+            if vals is not None:
+                gy.mul_(vals[s : s + ic.numel()])
+            dw2.addmm_(gy, h.t())
+            db2.add_(gy.sum(1))
+            da = torch.ops.aten.threshold_backward(w2c.t() @ gy, h, 0)  # (HID, n)
+            dw1p.addmm_(da, pc.t())
+            db1.add_(da.sum(1))
+            dp2.scatter_(1, ic.expand(NF * C, -1), w1p.t() @ da)
+        return dw1p, db1, dw2, db2
+
+    grads = [sum(parts) for parts in zip(*run_parts(mlp, len(mparts)), strict=True)]
+
+    def adjoint(i):
+        # dx = g + adjoint perception of dP, channels c0:c1 (padded, halo folded back).
+        c0, c1 = cparts[i]
+        a = acc[c0:c1]
+        a.zero_()
+        a[..., 1 : H + 1, 1 : W + 1] = gT[c0:c1]
+        adjoint_into(a, [d[c0:c1] for d in dp], taps)
+        fold_circular(a)
+
+    run_parts(adjoint, len(cparts))
+    dw1p, db1, dw2, db2 = grads
+    dx = acc[..., 1 : H + 1, 1 : W + 1].transpose(0, 1)
     dw1 = dw1p.view(-1, NF, C).transpose(1, 2).reshape(w1.shape)
     return dx.to(grad.dtype).contiguous(), dw1, db1, dw2, db2
