@@ -38,88 +38,28 @@ are 64-bit.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from fastnca.kernels._launch import gpu_info, launch
+from fastnca.kernels._nca_tile import (
+    CLIP_H,
+    CLIP_P,
+    CLIP_S,
+    CLIP_U,
+    _bounds,
+    _clamp,
+    _columns,
+    _dot,
+    _idx,
+    _inside,
+    _perceive_tile,
+)
 from fastnca.kernels._round import to_out
-
-
-@triton.jit
-def _idx(v, IDX64: tl.constexpr):
-    # Offsets inside one image (c * H*W + cell, up to F*C*H*W): int32 unless they can pass 2**31.
-    if IDX64:
-        return v.to(tl.int64)
-    return v
-
-
-@triton.jit
-def _perceive_tile(
-    x_base,
-    k_ptr,
-    n,
-    H,
-    W,
-    C,
-    NF,
-    BLOCK_M: tl.constexpr,
-    CPP: tl.constexpr,
-    NFP: tl.constexpr,
-    IDX64: tl.constexpr,
-    VOLATILE_K: tl.constexpr = True,
-):
-    # p: (BLOCK_M, CPP*NFP), p[m, c*NFP + f] = sum_ae k[f, a, e] x[c, wrap(i+a-1), wrap(j+e-1)]
-    # (column order of _columns); padded columns and rows with n >= H*W are 0.
-    HW = H * W
-    i = n // W
-    j = n % W
-    col = tl.arange(0, CPP * NFP)
-    c = col // NFP
-    f = col % NFP
-    colm = (c < C) & (f < NF)
-    lm = (n < HW)[:, None] & colm[None, :]
-    coff = _idx(c, IDX64) * HW
-    acc = tl.zeros((BLOCK_M, CPP * NFP), dtype=k_ptr.dtype.element_ty)
-    for a in tl.static_range(3):
-        for e in tl.static_range(3):
-            # `%` truncates toward zero: add H (W) before wrapping.
-            src = ((i + (a - 1) + H) % H) * W + (j + (e - 1) + W) % W
-            xs = tl.load(x_base + coff[None, :] + src[:, None], mask=lm, other=0.0)
-            # volatile: reloaded per tile (L1 hits) instead of nine (BLOCK_M, FCP) broadcasts
-            # hoisted out of the persistent loop and held in registers
-            ks = tl.load(k_ptr + f * 9 + (a * 3 + e), mask=colm, other=0.0, volatile=VOLATILE_K)
-            acc += xs.to(acc.dtype) * ks[None, :]
-    return acc
-
-
-@triton.jit
-def _columns(C, NF, CPP: tl.constexpr, NFP: tl.constexpr):
-    # Tile column c*NFP + f <-> w1 column (and dP plane) c*NF + f; valid where c < C, f < NF.
-    col = tl.arange(0, CPP * NFP)
-    c = col // NFP
-    f = col % NFP
-    return c * NF + f, (c < C) & (f < NF)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    # acc + a @ b with float32 (float64) accumulation. DOT_DTYPE "bf16"/"fp16": both operands
-    # rounded to it (tensor-core dot); UPCAST: the rounded operands go back to float32 for an
-    # exact-product "ieee" dot (the interpreter's half dot is wrong). DOT_DTYPE "": the dot of
-    # the float32 (float64) operands runs at DOT_PRECISION ("ieee", "tf32", "tf32x3").
-    if DOT_DTYPE == "bf16":
-        a = to_out(a, tl.bfloat16)  # nearest even, interpreted too (kernels/_round.py)
-        b = to_out(b, tl.bfloat16)
-    elif DOT_DTYPE == "fp16":
-        a = a.to(tl.float16)
-        b = b.to(tl.float16)
-    if DOT_DTYPE == "":
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    elif UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
+from fastnca.kernels.nca_step_bwd import nca_step_bwd_dx_kernel, nca_step_bwd_kernel
 
 
 @triton.jit
@@ -132,6 +72,9 @@ def nca_step_fwd_kernel(
     b2_ptr,
     m_ptr,
     out_ptr,
+    clip_ptr,
+    g_ptr,
+    gs_ptr,
     C,
     H,
     W,
@@ -147,10 +90,17 @@ def nca_step_fwd_kernel(
     DOT_DTYPE: tl.constexpr,
     UPCAST: tl.constexpr,
     IDX64: tl.constexpr,
+    ZERO_PAD: tl.constexpr = False,
+    CLIP: tl.constexpr = 0,
+    GRAD: tl.constexpr = False,
 ):
     # x, out: (B, C, H*W); m: (B, H*W); w1: (HID, FC); w2: (C, HID); all contiguous.
     # y = sum over hidden chunks [h0, h0+HB) of relu(p @ w1[chunk]^T + b1[chunk]) @ w2[:, chunk]^T:
-    # only a (BLOCK_M, HB) slice of the hidden activations is live at a time.
+    # only a (BLOCK_M, HB) slice of the hidden activations is live at a time. Clip options (CLIP,
+    # kernels/_nca_tile.py) clamp p, h, y and the new state.
+    # GRAD (the backward's first pass when the update or state is clipped): with g = dL/d(new)
+    # (B, C, H*W), write gs = g * [slo < new < shi] (dL/dx through the residual) to gs_ptr and
+    # gs * [ulo < y < uhi] (dL/d clipped y, before the update mask) to out_ptr (float32/64).
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     HW = H * W
@@ -159,7 +109,13 @@ def nca_step_fwd_kernel(
     n = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     inb = n < HW
     x_base = x_ptr + b * C * HW
-    p = _perceive_tile(x_base, k_ptr, n, H, W, C, NF, BLOCK_M, CPP, NFP, IDX64)  # (BLOCK_M, FCP)
+    # (BLOCK_M, FCP)
+    p = _perceive_tile(x_base, k_ptr, n, H, W, C, NF, BLOCK_M, CPP, NFP, IDX64, ZERO_PAD)
+    if CLIP_P & CLIP:
+        plo, phi = _bounds(clip_ptr, 0)
+        p = _clamp(p, plo, phi)
+    if CLIP_H & CLIP:
+        hlo, hhi = _bounds(clip_ptr, 1)
     col, colm = _columns(C, NF, CPP, NFP)
     cc = tl.arange(0, CP)
     cm = cc < C
@@ -173,209 +129,37 @@ def nca_step_fwd_kernel(
         h = _dot(p, w1t, tl.zeros((BLOCK_M, HB), dtype=acc_ty), DOT_PRECISION, DOT_DTYPE, UPCAST)
         h += tl.load(b1_ptr + hid, mask=hm, other=0.0)[None, :]
         h = tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu, NaN stays NaN
+        if CLIP_H & CLIP:
+            h = _clamp(h, hlo, hhi)
         w2t = tl.load(
             w2_ptr + cc[None, :] * HID + hid[:, None], mask=hm[:, None] & cm[None, :], other=0.0
         )  # (HB, CP) = w2^T
         y = _dot(h, w2t, y, DOT_PRECISION, DOT_DTYPE, UPCAST)  # (BLOCK_M, CP)
     if HAS_B2:
         y += tl.load(b2_ptr + cc, mask=cm, other=0.0)[None, :]
+    yr = y
+    if CLIP_U & CLIP:
+        ulo, uhi = _bounds(clip_ptr, 2)
+        y = _clamp(y, ulo, uhi)
     m = tl.load(m_ptr + b * HW + n, mask=inb, other=0).to(acc_ty)[:, None]
     offs = _idx(cc[None, :], IDX64) * HW + n[:, None]
     lm = inb[:, None] & cm[None, :]
     xc = tl.load(x_base + offs, mask=lm, other=0.0).to(acc_ty)
     out = tl.where(m != 0, xc + y * m, xc)
-    tl.store(out_ptr + b * C * HW + offs, to_out(out, out_ptr.dtype.element_ty), mask=lm)
-
-
-@triton.jit
-def nca_step_bwd_kernel(
-    x_ptr,
-    k_ptr,
-    w1_ptr,
-    b1_ptr,
-    w2_ptr,
-    m_ptr,
-    g_ptr,
-    dp_ptr,
-    dw1_ptr,
-    db1_ptr,
-    dw2_ptr,
-    db2_ptr,
-    C,
-    H,
-    W,
-    NF,
-    HID,
-    TILES_PER_IMG,
-    N_TILES,
-    N_PROG,
-    BLOCK_M: tl.constexpr,
-    CP: tl.constexpr,
-    CPP: tl.constexpr,
-    NFP: tl.constexpr,
-    HB: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IDX64: tl.constexpr,
-):
-    # One launch, two roles, both persistent over tiles t = q, q + N_PROG, ... (program q of its
-    # role); grid (N_PROG * (1 + N_CHUNKS),), N_CHUNKS = cdiv(HID, HB):
-    #   pid < N_PROG:  dP = sum_chunks da[chunk] @ w1[chunk]  -> dp: (B, FC, H*W)
-    #   else chunk k = (pid - N_PROG) // N_PROG: rows [k*HB, (k+1)*HB) of the weight gradients,
-    #        partials dw1: (N_PROG, HID, FC), db1: (N_PROG, HID), dw2: (N_PROG, C, HID),
-    #        db2: (N_PROG, C) (written by chunk 0).
-    # Each program holds one (HB, FCP) + (CP, HB) slice of the accumulators, never (HID, FC).
-    pid = tl.program_id(0)
-    role = pid // N_PROG  # 0: dP; k + 1: weight-gradient chunk k
-    q = pid % N_PROG
-    HW = H * W
-    FC = C * NF
-    acc_ty = k_ptr.dtype.element_ty
-    col, colm = _columns(C, NF, CPP, NFP)
-    cc = tl.arange(0, CP)
-    cm = cc < C
-    if role == 0:
-        for t in range(q, N_TILES, N_PROG):
-            b = (t // TILES_PER_IMG).to(tl.int64)
-            n = (t % TILES_PER_IMG) * BLOCK_M + tl.arange(0, BLOCK_M)
-            inb = n < HW
-            p = _perceive_tile(x_ptr + b * C * HW, k_ptr, n, H, W, C, NF, BLOCK_M, CPP, NFP, IDX64)
-            m = tl.load(m_ptr + b * HW + n, mask=inb, other=0).to(acc_ty)[:, None]
-            g = tl.load(
-                g_ptr + b * C * HW + _idx(cc[None, :], IDX64) * HW + n[:, None],
-                mask=inb[:, None] & cm[None, :],
-                other=0.0,
-            ).to(acc_ty)
-            gy = tl.where(m != 0, g * m, 0.0)  # (BLOCK_M, CP); 0 on resting and padded cells
-            dp = tl.zeros((BLOCK_M, CPP * NFP), dtype=acc_ty)
-            for h0 in range(0, HID, HB):
-                hid = h0 + tl.arange(0, HB)
-                hm = hid < HID
-                w1t = tl.load(
-                    w1_ptr + hid[None, :] * FC + col[:, None],
-                    mask=colm[:, None] & hm[None, :],
-                    other=0.0,
-                )  # (FCP, HB)
-                a = (
-                    _dot(
-                        p,
-                        w1t,
-                        tl.zeros((BLOCK_M, HB), dtype=acc_ty),
-                        DOT_PRECISION,
-                        DOT_DTYPE,
-                        UPCAST,
-                    )
-                    + tl.load(b1_ptr + hid, mask=hm, other=0.0)[None, :]
-                )
-                w2c = tl.load(
-                    w2_ptr + cc[:, None] * HID + hid[None, :],
-                    mask=cm[:, None] & hm[None, :],
-                    other=0.0,
-                )  # (CP, HB)
-                dh = _dot(
-                    gy, w2c, tl.zeros((BLOCK_M, HB), dtype=acc_ty), DOT_PRECISION, DOT_DTYPE, UPCAST
-                )
-                da = tl.where(a > 0, dh, 0.0)
-                dp = _dot(da, tl.trans(w1t), dp, DOT_PRECISION, DOT_DTYPE, UPCAST)
-            tl.store(
-                dp_ptr + b * FC * HW + _idx(col[None, :], IDX64) * HW + n[:, None],
-                dp,
-                mask=inb[:, None] & colm[None, :],
-            )
+    if CLIP_S & CLIP:
+        slo, shi = _bounds(clip_ptr, 3)
+        sin = _inside(out, slo, shi)
+        out = _clamp(out, slo, shi)
+    if GRAD:
+        gs = tl.load(g_ptr + b * C * HW + offs, mask=lm, other=0.0).to(acc_ty)
+        if CLIP_S & CLIP:
+            gs = tl.where(sin, gs, 0.0)
+            tl.store(gs_ptr + b * C * HW + offs, gs, mask=lm)
+        if CLIP_U & CLIP:
+            gs = tl.where(_inside(yr, ulo, uhi), gs, 0.0)
+        tl.store(out_ptr + b * C * HW + offs, gs, mask=lm)
     else:
-        hid = (role - 1) * HB + tl.arange(0, HB)
-        hm = hid < HID
-        w1t = tl.load(
-            w1_ptr + hid[None, :] * FC + col[:, None], mask=colm[:, None] & hm[None, :], other=0.0
-        )  # (FCP, HB)
-        w2c = tl.load(
-            w2_ptr + cc[:, None] * HID + hid[None, :], mask=cm[:, None] & hm[None, :], other=0.0
-        )  # (CP, HB)
-        b1 = tl.load(b1_ptr + hid, mask=hm, other=0.0)
-        dw1 = tl.zeros((HB, CPP * NFP), dtype=acc_ty)
-        dw2 = tl.zeros((CP, HB), dtype=acc_ty)
-        db1 = tl.zeros((HB,), dtype=acc_ty)
-        db2 = tl.zeros((CP,), dtype=acc_ty)
-        for t in range(q, N_TILES, N_PROG):
-            b = (t // TILES_PER_IMG).to(tl.int64)
-            n = (t % TILES_PER_IMG) * BLOCK_M + tl.arange(0, BLOCK_M)
-            inb = n < HW
-            p = _perceive_tile(x_ptr + b * C * HW, k_ptr, n, H, W, C, NF, BLOCK_M, CPP, NFP, IDX64)
-            a = (
-                _dot(
-                    p, w1t, tl.zeros((BLOCK_M, HB), dtype=acc_ty), DOT_PRECISION, DOT_DTYPE, UPCAST
-                )
-                + b1[None, :]
-            )  # (BLOCK_M, HB)
-            h = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)
-            m = tl.load(m_ptr + b * HW + n, mask=inb, other=0).to(acc_ty)[:, None]
-            g = tl.load(
-                g_ptr + b * C * HW + _idx(cc[None, :], IDX64) * HW + n[:, None],
-                mask=inb[:, None] & cm[None, :],
-                other=0.0,
-            ).to(acc_ty)
-            gy = tl.where(m != 0, g * m, 0.0)  # (BLOCK_M, CP)
-            dw2 = _dot(tl.trans(gy), h, dw2, DOT_PRECISION, DOT_DTYPE, UPCAST)
-            db2 += tl.sum(gy, axis=0)
-            dh = _dot(
-                gy, w2c, tl.zeros((BLOCK_M, HB), dtype=acc_ty), DOT_PRECISION, DOT_DTYPE, UPCAST
-            )
-            da = tl.where(a > 0, dh, 0.0)
-            db1 += tl.sum(da, axis=0)
-            dw1 = _dot(tl.trans(da), p, dw1, DOT_PRECISION, DOT_DTYPE, UPCAST)  # (HB, FCP)
-        q64 = q.to(tl.int64)
-        tl.store(
-            dw1_ptr + q64 * HID * FC + hid[:, None] * FC + col[None, :],
-            dw1,
-            mask=hm[:, None] & colm[None, :],
-        )
-        tl.store(
-            dw2_ptr + q64 * C * HID + cc[:, None] * HID + hid[None, :],
-            dw2,
-            mask=cm[:, None] & hm[None, :],
-        )
-        tl.store(db1_ptr + q64 * HID + hid, db1, mask=hm)
-        if role == 1:
-            tl.store(db2_ptr + q64 * C + cc, db2, mask=cm)
-
-
-@triton.jit
-def nca_step_bwd_dx_kernel(
-    dp_ptr,
-    k_ptr,
-    g_ptr,
-    dx_ptr,
-    C,
-    H,
-    W,
-    NF,
-    BLOCK_M: tl.constexpr,
-    CP: tl.constexpr,
-    IDX64: tl.constexpr,
-):
-    # dx[c, i, j] = g[c, i, j] + sum_f sum_ae k[f, a, e] dP[c*NF + f, wrap(i-a+1), wrap(j-e+1)]
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    HW = H * W
-    acc_ty = k_ptr.dtype.element_ty
-    n = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    inb = n < HW
-    i = n // W
-    j = n % W
-    cc = tl.arange(0, CP)
-    lm = inb[:, None] & (cc < C)[None, :]
-    offs = _idx(cc[None, :], IDX64) * HW + n[:, None]
-    acc = tl.load(g_ptr + b * C * HW + offs, mask=lm, other=0.0).to(acc_ty)
-    dp_base = dp_ptr + b * C * NF * HW
-    for f in range(NF):
-        plane = _idx(cc * NF + f, IDX64) * HW
-        for a in tl.static_range(3):
-            for e in tl.static_range(3):
-                src = ((i + (1 - a) + H) % H) * W + (j + (1 - e) + W) % W
-                d = tl.load(dp_base + plane[None, :] + src[:, None], mask=lm, other=0.0)
-                acc += tl.load(k_ptr + f * 9 + (a * 3 + e)) * d.to(acc_ty)
-    tl.store(dx_ptr + b * C * HW + offs, to_out(acc, dx_ptr.dtype.element_ty), mask=lm)
+        tl.store(out_ptr + b * C * HW + offs, to_out(out, out_ptr.dtype.element_ty), mask=lm)
 
 
 def _pad(v: int) -> int:
@@ -464,6 +248,57 @@ def _prepare(x, w1, b1, w2, mask, filters):
     return x, w1, b1, w2, m, filters.to(acc).contiguous()
 
 
+def _options(zero_pad: bool, clip, acc: torch.dtype, device) -> tuple[dict, torch.Tensor | None]:
+    """ZERO_PAD / CLIP constexprs, given only when set (the plain step's launch stays as it was),
+    and the clip bounds (8 values in the accumulation dtype, lo, hi per stage; None unclipped).
+    clip: None or 8 floats (CLIP_KEYS order, +-inf where open)."""
+    kw = dict(ZERO_PAD=True) if zero_pad else {}
+    bits = 0
+    for s, bit in enumerate((CLIP_P, CLIP_H, CLIP_U, CLIP_S)):
+        if clip is not None and (clip[2 * s] != -math.inf or clip[2 * s + 1] != math.inf):
+            bits |= bit.value
+    if not bits:
+        return kw, None
+    return dict(kw, CLIP=bits), torch.tensor(list(clip), dtype=acc, device=device)
+
+
+def _launch_fwd(x, w1, b1, w2, b2, m, k, out, clip_t, g, gs, opts, bm, hb, nw, prec, stages):
+    # One forward-kernel launch on prepared operands (GRAD in opts: the backward's first pass).
+    B, C, H, W = x.shape
+    HID, NF = w1.shape[0], k.shape[0]
+    dummy = b1  # pointer arguments the constexprs leave unused
+    launch(
+        nca_step_fwd_kernel,
+        (triton.cdiv(H * W, bm), B),
+        x,
+        k,
+        w1,
+        b1,
+        w2,
+        dummy if b2 is None else b2.to(w1.dtype).contiguous(),
+        m,
+        out,
+        dummy if clip_t is None else clip_t,
+        dummy if g is None else g,
+        dummy if gs is None else gs,
+        C,
+        H,
+        W,
+        NF,
+        HID,
+        HAS_B2=b2 is not None,
+        BLOCK_M=bm,
+        CP=_pad(C),
+        **_tile_args(C, NF),
+        HB=hb,
+        **_dot_args(w1.dtype, x.device, prec),
+        IDX64=_idx64(x, NF),
+        **opts,
+        num_warps=nw,
+        **({} if stages is None else dict(num_stages=stages)),
+    )
+
+
 def nca_step_fwd(
     x,
     w1,
@@ -477,48 +312,43 @@ def nca_step_fwd(
     num_warps: int | None = None,
     dot_precision: str | None = None,
     num_stages: int | None = None,
+    zero_pad: bool = False,
+    clip=None,
 ):
     """x + (w2 relu(w1 perceive(x) + b1) + b2) * mask on fired cells. Shapes checked by caller.
 
     x: (B, C, H, W); w1: (HID, F*C); b1: (HID,) or None; w2: (C, HID); b2: (C,) or None;
     mask: (B, 1, H, W) bool or float; filters: (F, 3, 3). Returns (B, C, H, W) in x.dtype.
     block_m / hidden_block / num_warps / dot_precision override the configuration rule.
+    zero_pad: neighbours outside the grid read 0; clip: None or 8 floats (lo, hi of perception,
+    hidden, update, state; +-inf where open), the clamps of fastnca.reference.nca_step_ref.
     """
     x, w1, b1, w2, m, k = _prepare(x, w1, b1, w2, mask, filters)
     B, C, H, W = x.shape
-    HID, NF = w1.shape[0], k.shape[0]
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
-    bm, hb, nw = _config(C, NF, HID, backward=False)
+    opts, clip_t = _options(zero_pad, clip, w1.dtype, x.device)
+    bm, hb, nw = _config(C, k.shape[0], w1.shape[0], backward=False)
     bm, hb, nw = block_m or bm, hidden_block or hb, num_warps or nw
-    b2a = b1 if b2 is None else b2.to(w1.dtype).contiguous()  # b1 is a dummy pointer
-    grid = (triton.cdiv(H * W, bm), B)
-    launch(
-        nca_step_fwd_kernel,
-        grid,
+    _launch_fwd(
         x,
-        k,
         w1,
         b1,
         w2,
-        b2a,
+        b2,
         m,
+        k,
         out,
-        C,
-        H,
-        W,
-        NF,
-        HID,
-        HAS_B2=b2 is not None,
-        BLOCK_M=bm,
-        CP=_pad(C),
-        **_tile_args(C, NF),
-        HB=hb,
-        **_dot_args(w1.dtype, x.device, dot_precision),
-        IDX64=_idx64(x, NF),
-        num_warps=nw,
-        **({} if num_stages is None else dict(num_stages=num_stages)),
+        clip_t,
+        None,
+        None,
+        opts,
+        bm,
+        hb,
+        nw,
+        dot_precision,
+        num_stages,
     )
     return out
 
@@ -544,12 +374,16 @@ def nca_step_bwd(
     num_warps: int | None = None,
     dot_precision: str | None = None,
     num_stages: int | None = None,
+    zero_pad: bool = False,
+    clip=None,
+    b2=None,
 ):
     """Gradients of nca_step_fwd from the saved x and mask (p and h recomputed).
 
     Returns (dx, dw1, db1, dw2, db2): dx in grad's dtype; weight grads in the accumulation dtype
     (float32, float64 for float64 x), shaped like w1, (HID,), w2, (C,). db1 and db2 are computed
-    whether or not the biases exist (the caller drops them); b2 does not enter the gradients.
+    whether or not the biases exist (the caller drops them). zero_pad / clip as in nca_step_fwd;
+    b2 enters only through the update and state clips (their gradient masks need y).
     """
     x, w1, b1, w2, m, k = _prepare(x, w1, b1, w2, mask, filters)
     g = grad.contiguous()
@@ -557,6 +391,8 @@ def nca_step_bwd(
     HID, NF = w1.shape[0], k.shape[0]
     acc = w1.dtype
     dx = torch.empty_like(g)
+    opts, clip_t = _options(zero_pad, clip, acc, x.device)
+    bits = opts.pop("CLIP", 0)
     bm, hb, nw = _config(C, NF, HID, backward=True)
     bm, hb, nw = block_m or bm, hidden_block or hb, num_warps or nw
     tiles_per_img = triton.cdiv(H * W, bm)
@@ -571,6 +407,21 @@ def nca_step_bwd(
             t.zero_()
         if n_tiles == 0 or C == 0:
             return dx, dw1.sum(0), db1.sum(0), dw2.sum(0), db2.sum(0)
+    g_mlp = g_dx = g  # dL/d(update) before the update mask; dL/dx through the residual
+    if bits & (CLIP_U.value | CLIP_S.value):
+        # First pass: the update y of every cell, to fold the clips' gradient masks into g.
+        g_mlp = torch.empty(x.shape, device=x.device, dtype=acc)
+        g_dx = torch.empty(x.shape, device=x.device, dtype=acc) if bits & CLIP_S.value else g
+        fbm, fhb, fnw = _config(C, NF, HID, backward=False)
+        opts_g = dict(opts, CLIP=bits, GRAD=True)
+        _launch_fwd(
+            x, w1, b1, w2, b2, m, k, g_mlp, clip_t, g, g_dx, opts_g, block_m or fbm, fhb, fnw,
+            dot_precision, num_stages,
+        )  # fmt: skip
+    if bits & (CLIP_P.value | CLIP_H.value):
+        opts_b = dict(opts, CLIP=bits & (CLIP_P.value | CLIP_H.value))
+    else:
+        opts_b = opts
     dp = torch.empty((B, NF * C, H, W), device=x.device, dtype=acc)  # scratch, freed on return
     n_chunks = triton.cdiv(HID, hb)
     launch(
@@ -582,12 +433,13 @@ def nca_step_bwd(
         b1,
         w2,
         m,
-        g,
+        g_mlp,
         dp,
         dw1,
         db1,
         dw2,
         db2,
+        b1 if clip_t is None else clip_t,
         C,
         H,
         W,
@@ -602,6 +454,7 @@ def nca_step_bwd(
         HB=hb,
         **_dot_args(acc, x.device, dot_precision),
         IDX64=_idx64(x, NF),
+        **opts_b,
         num_warps=nw,
         **({} if num_stages is None else dict(num_stages=num_stages)),
     )
@@ -610,7 +463,7 @@ def nca_step_bwd(
         (triton.cdiv(H * W, 64), B),
         dp,
         k,
-        g,
+        g_dx,
         dx,
         C,
         H,
@@ -619,6 +472,7 @@ def nca_step_bwd(
         BLOCK_M=64,
         CP=_pad(C),
         IDX64=_idx64(x, NF),
+        **opts,
         num_warps=4,
     )
     return dx, dw1.sum(0), db1.sum(0), dw2.sum(0), db2.sum(0)

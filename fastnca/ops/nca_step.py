@@ -3,7 +3,10 @@ state and the mask for backward.
 
 CUDA tensors run the Triton kernels of ``fastnca.kernels.nca_step`` through the registered ops
 ``torch.ops.fastnca.nca_step`` / ``fastnca::nca_step_backward`` (forward, and a backward that
-recomputes perception and hidden activations). CPU tensors run ``fastnca::nca_step_cpu`` /
+recomputes perception and hidden activations); with step options, ``fastnca::nca_step_options`` /
+``fastnca::nca_step_options_backward`` (zero padding and clips in the kernels, the rotated bank
+from the host, alive masking as two max-pools around the kernel; backward keeps x, the update
+mask and the alive mask). CPU tensors run ``fastnca::nca_step_cpu`` /
 ``fastnca::nca_step_cpu_backward``: composites that evaluate the MLP only on the cells that fire
 (about ``fire_rate`` of them: resting cells are copied, so their update is never needed, forward or
 backward), in cache-sized blocks of cells. They are custom ops so that ``torch.compile`` keeps them
@@ -39,8 +42,14 @@ from fastnca.ops._checks import (
     check_tensor,
 )
 from fastnca.ops._nca_cpu import _acc, _cpu_backward, _cpu_forward
-from fastnca.ops.nca_step_options import check_options, nca_step_options
-from fastnca.reference import DEFAULT_FILTERS, perceive_shifts
+from fastnca.ops.nca_step_options import (
+    alive_mask,
+    check_options,
+    nca_step_options,
+    options_backward,
+    options_setup_context,
+)
+from fastnca.reference import DEFAULT_FILTERS, perceive_shifts, rotate_filters
 
 # ---------------------------------------------------------------------------------------- CUDA
 
@@ -97,6 +106,55 @@ def _autograd(backward_op):
 
 _nca_step_op.register_autograd(
     _autograd(torch.ops.fastnca.nca_step_backward), setup_context=_setup_context
+)
+
+
+@triton_op("fastnca::nca_step_options", mutates_args={})
+def _nca_step_options_op(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    mask: torch.Tensor,
+    filters: torch.Tensor,
+    zero_pad: bool,
+    alive_threshold: float | None,
+    alive_channel: int,
+    clip: list[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # -> (out, alive (B, 1, H, W) bool, or (0,) without alive masking), like the CPU options op.
+    # The kernel does padding and clips; alive masking is two 3x3 max-pools of one channel.
+    new = nca_step_fwd(x, w1, b1, w2, b2, mask, filters, zero_pad=zero_pad, clip=clip)
+    if alive_threshold is None:
+        return new, torch.empty((0,), dtype=torch.bool, device=x.device)
+    ch, thr = alive_channel, alive_threshold
+    alive = (alive_mask(x[:, ch], thr, zero_pad) & alive_mask(new[:, ch], thr, zero_pad))[:, None]
+    return new * alive, alive
+
+
+@triton_op("fastnca::nca_step_options_backward", mutates_args={})
+def _nca_step_options_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    mask: torch.Tensor,
+    alive: torch.Tensor,
+    filters: torch.Tensor,
+    zero_pad: bool,
+    clip: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if alive.numel():  # dL/d(new): the alive mask carries no gradient
+        grad = grad * alive
+    return nca_step_bwd(grad, x, w1, b1, w2, mask, filters, zero_pad=zero_pad, clip=clip, b2=b2)
+
+
+_nca_step_options_op.register_autograd(
+    options_backward(torch.ops.fastnca.nca_step_options_backward),
+    setup_context=options_setup_context,
 )
 
 # ------------------------------------------------------------- CPU: the MLP on fired cells only
@@ -283,7 +341,8 @@ def nca_step(
         perception_angle: radians; filters 1 and 2 (the gradients) become
             ``cos a k1 - sin a k2`` and ``sin a k1 + cos a k2``.
         Any option set runs ``fastnca.ops.nca_step_options`` (see there); its backward also keeps
-        the alive mask (1 byte per cell). On CUDA it runs a checkpointed torch composite for now.
+        the alive mask (1 byte per cell). Where the Triton path runs, that is the kernels with
+        the options compiled in (``fastnca::nca_step_options``; alive masking around them).
 
     Returns (B, C, H, W) in x's dtype (contiguous); arithmetic in float32 (float64 for float64).
     Differentiable w.r.t. x, w1, b1, w2, b2 (not the mask or the filters). Backward keeps only x,
@@ -309,8 +368,12 @@ def nca_step(
             x.shape[1],
             filters.shape[0],
         )
+        args = (x, w1, b1, w2, b2, mask.detach(), filters.detach())
         with torch.autocast(x.device.type, enabled=False):
-            return nca_step_options(x, w1, b1, w2, b2, mask.detach(), filters.detach(), *o)
+            if use_triton(x.device):
+                k = rotate_filters(args[-1], o[-1])
+                return torch.ops.fastnca.nca_step_options(*args[:-1], k, *o[:-1])[0]
+            return nca_step_options(*args, *o)
     args = (x, w1, b1, w2, b2, mask.detach(), filters.detach())
     # The step computes in float32 whatever autocast says (the state is a residual sum over many
     # steps); autocast would otherwise recast the CPU op's inner matmuls and break its buffers.

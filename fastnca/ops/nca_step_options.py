@@ -13,8 +13,10 @@ op with the options added. It returns the alive mask ``pre & post`` (bool, 1 byt
 the new state, and backward keeps x, the update mask and the alive mask: 4C + 2 bytes per cell in
 float32, everything else (perception, hidden, update) is recomputed, on the cells that fired and
 are alive only (a dead cell's output is 0 whatever its update; the masks carry no gradient).
-Other devices (CUDA included, until the Triton kernels gain the options): a dense composite under
-activation checkpointing, which saves only its inputs.
+Where the Triton path runs (CUDA; FASTNCA_BACKEND=triton under the interpreter), ``ops.nca_step``
+calls ``fastnca::nca_step_options`` instead (same outputs and saved tensors; backward from
+``options_backward``). Other devices: a dense composite under activation checkpointing, which
+saves only its inputs.
 """
 
 from __future__ import annotations
@@ -106,11 +108,12 @@ def _clamp(t, lo, hi):
 
 
 def _inside(t, lo, hi):
-    # torch.clamp's gradient mask: 1 where lo <= t <= hi.
-    return (t >= lo) & (t <= hi)
+    # torch.clamp's gradient mask (torch 2.14): 1 where lo < t < hi, 0 on the bounds and beyond
+    # (an infinite t on an open side included, where torch gives 1).
+    return (t > lo) & (t < hi)
 
 
-def _alive(a, thr, zero_pad):
+def alive_mask(a, thr, zero_pad):
     # a: (B, H, W) -> maxpool3x3(a) > thr, (B, H, W) bool; the padding never wins the max.
     a = a[:, None]
     a = F.pad(a, (1, 1, 1, 1), value=-_INF) if zero_pad else circular_pad1(a)
@@ -131,8 +134,8 @@ def _forward(x, w1, b1, w2, b2, mask, filters, zero_pad, thr, ch, clip):
     if thr is not None:
         # A cell with no living cell in its 3x3 neighbourhood (pre) has no neighbour that can
         # survive (pre is false around it), so its update reaches no output: skip its MLP.
-        pre = _alive(xd[:, ch], thr, zero_pad)  # (B, H, W)
-        near = _alive(pre.to(dt), 0.5, zero_pad)[:, None]
+        pre = alive_mask(xd[:, ch], thr, zero_pad)  # (B, H, W)
+        near = alive_mask(pre.to(dt), 0.5, zero_pad)[:, None]
         mask = mask & near if mask.dtype == torch.bool else mask * near
     idx, vals = _fired(mask, dt)
     w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)  # columns f*C + c
@@ -156,7 +159,7 @@ def _forward(x, w1, b1, w2, b2, mask, filters, zero_pad, thr, ch, clip):
     if thr is None:
         alive = torch.empty((0,), dtype=torch.bool)
     else:
-        alive = pre & _alive(out[ch], thr, zero_pad)  # (B, H, W)
+        alive = pre & alive_mask(out[ch], thr, zero_pad)  # (B, H, W)
         out.mul_(alive)
         alive = alive.view(B, 1, H, W)
     return out.transpose(0, 1).to(x.dtype).contiguous(), alive
@@ -164,7 +167,7 @@ def _forward(x, w1, b1, w2, b2, mask, filters, zero_pad, thr, ch, clip):
 
 def _backward(grad, x, w1, b1, w2, b2, mask, alive, filters, zero_pad, clip):
     # -> (dx in grad's dtype, dw1, db1, dw2, db2 in the accumulation dtype). Recomputes the step
-    # on the fired cells; gradients of the clamps are torch.clamp's (1 on lo <= t <= hi).
+    # on the fired cells; gradients of the clamps are torch.clamp's (1 on lo < t < hi).
     dt = _acc(x)
     B, C, H, W = x.shape
     NF, N = filters.shape[0], B * H * W
@@ -298,28 +301,37 @@ def _(grad, x, w1, b1, w2, b2, mask, alive, filters, zero_pad, clip):
     )
 
 
-def _setup_context(ctx, inputs, output):
+def options_setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, mask, filters, zero_pad, _, _, clip = inputs
     # x, the update mask and the alive mask: the only per-step tensors kept for backward.
     ctx.save_for_backward(x, w1, b1, w2, b2, mask, output[1], filters)
     ctx.zero_pad, ctx.clip = zero_pad, clip
 
 
-def _backward_fn(ctx, grad, _grad_alive):
-    x, w1, b1, w2, b2, mask, alive, filters = ctx.saved_tensors
-    dx, dw1, db1, dw2, db2 = torch.ops.fastnca.nca_step_cpu_options_backward(
-        grad, x, w1, b1, w2, b2, mask, alive, filters, ctx.zero_pad, ctx.clip
-    )
-    return (
-        dx.to(x.dtype),
-        dw1.to(w1.dtype),
-        None if b1 is None else db1.to(b1.dtype),
-        dw2.to(w2.dtype),
-        None if b2 is None else db2.to(b2.dtype),
-    ) + (None,) * 6
+def options_backward(backward_op):
+    """The autograd backward of an options op (CPU here, Triton in ops.nca_step) from its
+    registered backward op (grad, x, w1, b1, w2, b2, mask, alive, filters, zero_pad, clip)."""
+
+    def backward(ctx, grad, _grad_alive):
+        x, w1, b1, w2, b2, mask, alive, filters = ctx.saved_tensors
+        dx, dw1, db1, dw2, db2 = backward_op(
+            grad, x, w1, b1, w2, b2, mask, alive, filters, ctx.zero_pad, ctx.clip
+        )
+        return (
+            dx.to(x.dtype),
+            dw1.to(w1.dtype),
+            None if b1 is None else db1.to(b1.dtype),
+            dw2.to(w2.dtype),
+            None if b2 is None else db2.to(b2.dtype),
+        ) + (None,) * 6
+
+    return backward
 
 
-_cpu_op.register_autograd(_backward_fn, setup_context=_setup_context)
+_cpu_op.register_autograd(
+    options_backward(torch.ops.fastnca.nca_step_cpu_options_backward),
+    setup_context=options_setup_context,
+)
 
 
 # ------------------------------------------------------------ other devices: dense, checkpointed
@@ -344,7 +356,7 @@ def _dense(x, w1, b1, w2, b2, mask, filters, zero_pad, thr, ch, clip):
     new = torch.where(m != 0, xs + y.clamp(ulo, uhi) * m.to(dt), xs).clamp(slo, shi)
     new = new.reshape(B, C, H, W)
     if thr is not None:
-        keep = _alive(xs.reshape(B, C, H, W)[:, ch], thr, zero_pad) & _alive(
+        keep = alive_mask(xs.reshape(B, C, H, W)[:, ch], thr, zero_pad) & alive_mask(
             new[:, ch], thr, zero_pad
         )
         new = new * keep[:, None].to(dt)
