@@ -1,5 +1,10 @@
 """The GPUs of the static report: per-SM limits of each compute capability, the peak rates of
-the cards (roofline floors), and the occupancy a kernel's resources allow."""
+the cards (roofline floors), and the occupancy a kernel's resources allow.
+
+The one table of card peaks in fastnca: the static report (``gpu_static``), the benchmark
+suites' "% of floor" columns (``fastnca bench`` on CUDA) and ``benchmarks/gpu_check.sh`` all read
+:data:`CARDS` / :func:`card_for`. A card not listed has no floor, and the output says so.
+"""
 
 from __future__ import annotations
 
@@ -45,9 +50,31 @@ CARDS = (
     Card("H100-SXM", 90, 3.35e12, 66.9e12, 494.7e12, 989.4e12),
     Card("H200", 90, 4.8e12, 66.9e12, 494.7e12, 989.4e12),
 )
+# Variants that torch.cuda.get_device_name() tells apart; not columns of the static report.
+A100_80GB = Card("A100-80GB", 80, 2.039e12, 19.5e12, 156e12, 312e12)
+H100_PCIE = Card("H100-PCIe", 90, 2.0e12, 51.2e12, 378e12, 756e12)
 
 
-def _dot_rate(card: Card, kind: str) -> float:
+def card_for(device_name: str) -> Card | None:
+    """The card of a ``torch.cuda.get_device_name()`` string ("NVIDIA H100 80GB HBM3" ->
+    H100-SXM); None for a card without known peaks (no floor is reported for it)."""
+    n = device_name.upper()
+    if "H200" in n:
+        return CARDS[2]
+    if "H100" in n:
+        return H100_PCIE if "PCIE" in n else CARDS[1]
+    if "A100" in n:
+        return A100_80GB if "80GB" in n else CARDS[0]
+    return None
+
+
+def floor_s(nbytes: float, flops: float, card: Card, kind: str = "ieee") -> float:
+    """Roofline floor of one timed call: max(bytes / HBM bandwidth, FLOPs / peak rate of the
+    arithmetic it runs), in seconds (``kind`` as in :func:`dot_rate`)."""
+    return max(nbytes / card.bw, flops / dot_rate(card, kind) if flops else 0.0)
+
+
+def dot_rate(card: Card, kind: str) -> float:
     # kind: "ieee" (FP32 FMA), "tf32", "tf32x3" (3 TF32 products), "bf16x3"/"bf16x6", "half".
     return {
         "ieee": card.fp32,
@@ -73,5 +100,5 @@ def occupancy(res: dict, warps: int, arch: Arch) -> tuple[int, float]:
 def floor_us(w: tuple, card: Card) -> float:
     nbytes, dot, kind, other = w
     return 1e6 * max(
-        nbytes / card.bw, (dot / _dot_rate(card, kind) if dot else 0.0) + other / card.fp32
+        nbytes / card.bw, (dot / dot_rate(card, kind) if dot else 0.0) + other / card.fp32
     )

@@ -1,7 +1,9 @@
 """Reporting for `fastnca bench`: the terminal table, markdown, JSON and the bar-chart PNG.
 
 Rows come from :func:`fastnca.bench.rows.rows_from_pytest_json`; every speed-up is median(baseline
-variant) / median(row) within one run.
+variant) / median(row) within one run (one thread count). Rows with a FLOP count also show achieved
+GFLOP/s and its % of the run's torch.mm rate; CUDA rows on a known card their % of the roofline
+floor (``fastnca.bench.gpu_hw``); an unknown card is named as having no floor.
 """
 
 from __future__ import annotations
@@ -27,28 +29,71 @@ def _fmt_extra(extra: dict) -> str:
     return "  ".join(f"{k}={v}" for k, v in extra.items())
 
 
-def _groups(rows: list[Row]) -> dict[str, list[Row]]:
-    groups: dict[str, list[Row]] = {}
+def _threads(t: int | None) -> str:
+    return f"{t} thread{'s' * (t != 1)}" if t else ""
+
+
+def _groups(rows: list[Row]) -> dict[tuple[str, int | None], list[Row]]:
+    """Rows by (group, thread count), in run order."""
+    groups: dict[tuple[str, int | None], list[Row]] = {}
     for r in rows:
-        groups.setdefault(r.group, []).append(r)
+        groups.setdefault((r.group, r.threads), []).append(r)
     return groups
 
 
-def format_table(rows: list[Row]) -> str:
-    """One readable table: per group, each variant's median and speed-up over the baseline."""
+def _rate(r: Row) -> str:
+    """ "12.3 GFLOP/s (45% mm)" where the suite gave the row's FLOPs."""
+    if r.gflops is None:
+        return ""
+    pct = f" ({r.pct_mm:.0f}% mm)" if r.pct_mm is not None else ""
+    return f"{r.gflops:.1f} GFLOP/s{pct}"
+
+
+def _floor(r: Row) -> str:
+    return f"{r.pct_floor:.0f}% of floor" if r.pct_floor is not None else ""
+
+
+def rate_notes(rows: list[Row], machine: dict | None = None) -> list[str]:
+    """Lines saying what the rate columns compare with: the mm rate per thread count, the card."""
+    out = []
+    mm = {r.threads: r.mm_gflops for r in rows if r.mm_gflops}
+    if mm:
+        what = "GPU" if (machine or {}).get("device") == "cuda" else "float32"
+        per = ", ".join(f"{v:.1f} GFLOP/s" + (f" at {_threads(t)}" if t else "")
+                        for t, v in mm.items())  # fmt: skip
+        out.append(f"torch.mm 2048x2048 {what} in this run (lowest of 3): {per}")
+    if (machine or {}).get("device") == "cuda":
+        from fastnca.bench.gpu_hw import card_for
+
+        name = str(machine.get("device_name", ""))
+        card = card_for(name)
+        out.append(
+            f"roofline floors: {card.name} peaks (fastnca/bench/gpu_hw.py); CUDA events, L2 "
+            "flushed before every call"
+            if card
+            else f"no roofline floor: {name!r} is not a card in fastnca/bench/gpu_hw.py"
+        )
+    return out
+
+
+def format_table(rows: list[Row], machine: dict | None = None) -> str:
+    """One readable table: per group and thread count, each variant's median, speed-up over the
+    baseline, and where known GFLOP/s (% of the run's mm rate) and % of the roofline floor."""
     if not rows:
         return "(no benchmarks ran)"
     width = max(24, *(len(r.variant) + 2 for r in rows))
     lines = [
         f"{'group / variant':<{width}}  {'median':>11}  {'speed-up':>9}  (vs baseline, same run; "
-        "* = timed alternately with the baseline)"
+        "* = timed alternately with the baseline)",
+        *rate_notes(rows, machine),
     ]
-    for group, rs in _groups(rows).items():
-        lines.append(f"{group}   [baseline: {rs[0].baseline}]")
+    for (group, threads), rs in _groups(rows).items():
+        at = f"{_threads(threads)}; " if threads else ""
+        lines.append(f"{group}   [{at}baseline: {rs[0].baseline}]")
         for r in rs:
             ratio = f"{r.ratio:7.2f}x" if r.ratio is not None else "     n/a"
             ratio += "*" if r.paired else " "
-            extra = _fmt_extra(r.extra)
+            extra = "  ".join(filter(None, (_rate(r), _floor(r), _fmt_extra(r.extra))))
             lines.append(
                 f"  {r.variant:<{width - 2}}  {_fmt_time(r.median_s):>11}  {ratio}"
                 + (f"  {extra}" if extra else "")
@@ -66,17 +111,20 @@ def format_markdown(rows: list[Row], machine: dict, command: str) -> str:
         "Speed-up = median time of the group's baseline / the row's, in the same run; * = the "
         "row's rounds and the baseline's were timed alternately (paired), so machine load hits "
         "both alike.",
+        *(line + "." for line in rate_notes(rows, machine)),
         "",
-        "| group | variant | median | speed-up vs baseline | notes |",
-        "|---|---|---:|---:|---|",
+        "| group | threads | variant | median | speed-up vs baseline | GFLOP/s (% of mm) "
+        "| % of floor | notes |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
     ]
-    for group, rs in _groups(rows).items():
+    for (group, threads), rs in _groups(rows).items():
         for i, r in enumerate(rs):
             ratio = (f"{r.ratio:.2f}x" if r.ratio is not None else "n/a") + "*" * r.paired
             note = _fmt_extra(r.extra) + (" (baseline)" if r.variant == r.baseline else "")
             out.append(
-                f"| {group if i == 0 else ''} | {r.variant} | {_fmt_time(r.median_s).strip()} "
-                f"| {ratio} | {note.strip()} |"
+                f"| {group if i == 0 else ''} | {threads or ''} | {r.variant} "
+                f"| {_fmt_time(r.median_s).strip()} | {ratio} | {_rate(r).replace(' GFLOP/s', '')} "
+                f"| {_floor(r).replace(' of floor', '')} | {note.strip()} |"
             )
     return "\n".join(out) + "\n"
 
@@ -96,6 +144,12 @@ def results_json(rows: list[Row], machine: dict, command: str, gate: dict | None
                 "baseline": r.baseline,
                 "rounds": r.rounds,
                 "paired": r.paired,
+                "threads": r.threads,
+                "gflops": r.gflops,
+                "mm_gflops": r.mm_gflops,
+                "pct_of_mm": r.pct_mm,
+                "floor_s": r.floor_s,
+                "pct_of_floor": r.pct_floor,
                 "extra": r.extra,
             }
             for r in rows
@@ -119,7 +173,7 @@ def plot_ratios(rows: list[Row], path: str | Path, title: str = "") -> Path:
     heights = [0.35 * len(rs) + 0.7 for rs in groups.values()]
     fig = Figure(figsize=(8, sum(heights) + 0.6))
     axes = fig.subplots(len(groups), 1, squeeze=False, gridspec_kw={"height_ratios": heights})
-    for ax, (group, rs) in zip(axes[:, 0], groups.items(), strict=True):
+    for ax, ((group, threads), rs) in zip(axes[:, 0], groups.items(), strict=True):
         ratios = [r.ratio for r in rs]
         colors = [
             "0.6"
@@ -134,7 +188,7 @@ def plot_ratios(rows: list[Row], path: str | Path, title: str = "") -> Path:
         for i, v in enumerate(ratios):
             ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
         ax.set_xlim(0, max(ratios) * 1.25)
-        ax.set_title(group, fontsize=9, loc="left")
+        ax.set_title(group + (f" [{_threads(threads)}]" if threads else ""), fontsize=9, loc="left")
         ax.tick_params(axis="x", labelsize=7)
     axes[-1, 0].set_xlabel(
         "speed-up over the group's baseline (same run; higher is faster)\n"

@@ -6,6 +6,13 @@ Conventions of every suite (``fastnca/bench/suites/``): ``benchmark.group`` name
 median(baseline variant) / median(row), both from the same run, so it holds on a noisy machine;
 the baseline variant is "lesson eager" unless the group sets ``extra_info["baseline"]``. Rows timed
 alternately with their baseline carry a paired speed-up (``PAIRED_KEY``), which is preferred.
+
+Each run (one pytest process) is at one torch thread count; the plugin adds, under the JSON's
+``"fastnca"`` key, that count, the rate of ``torch.mm`` (2048 x 2048 float32, lowest time of a few
+reps) at that count, and the CUDA card's name. A row whose suite states the FLOPs of one timed call
+(``extra_info["flops"]``) reports achieved GFLOP/s and its fraction of that mm rate; on a known
+CUDA card (``fastnca.bench.gpu_hw.card_for``) a row stating its bytes (``extra_info["bytes"]``)
+and/or FLOPs reports its roofline floor and the % of it the median reaches.
 """
 
 from __future__ import annotations
@@ -21,7 +28,15 @@ BASELINE_VARIANT = "lesson eager"
 REFERENCE_PREFIXES = ("lesson", "torch", "bmm")
 PAIRED_KEY = "paired speed-up"
 ENV_SLOWDOWN = "FASTNCA_BENCH_INJECT_SLOWDOWN"
-_HIDDEN_EXTRA = ("variant", "baseline", "speedup_vs_baseline")
+_HIDDEN_EXTRA = (
+    "variant",
+    "baseline",
+    "speedup_vs_baseline",
+    "flops",
+    "bytes",
+    "flop_kind",
+    "l2_flush",
+)
 
 
 class BenchError(Exception):
@@ -63,15 +78,46 @@ class Row:
     extra: dict = field(default_factory=dict)
     rounds: int = 0
     paired: bool = False  # ratio timed interleaved with the baseline (see plugin.paired_speedup)
+    threads: int | None = None  # torch intra-op threads of the run that timed it
+    flops: float | None = None  # useful FLOPs of one timed call, as the suite counts them
+    mm_gflops: float | None = None  # torch.mm 2048^2 float32 GFLOP/s, same run and threads
+    floor_s: float | None = None  # roofline floor of one call on this CUDA card (None: unknown)
 
     @property
     def key(self) -> str:
         return f"{self.group} :: {self.variant}"
 
+    @property
+    def gflops(self) -> float | None:
+        """Achieved GFLOP/s: the suite's FLOP count of one call / the median time."""
+        return self.flops / self.median_s / 1e9 if self.flops and self.median_s > 0 else None
+
+    @property
+    def pct_mm(self) -> float | None:
+        """Achieved GFLOP/s as % of the machine's torch.mm rate measured in the same run."""
+        g = self.gflops
+        return 100 * g / self.mm_gflops if g is not None and self.mm_gflops else None
+
+    @property
+    def pct_floor(self) -> float | None:
+        """% of the roofline floor reached: 100 * floor / median (100 % = at the floor)."""
+        return 100 * self.floor_s / self.median_s if self.floor_s and self.median_s > 0 else None
+
+
+def _floor(ei: dict, run: dict) -> float | None:
+    """Roofline floor (s) of one call from the suite's bytes/FLOPs on the run's CUDA card."""
+    from fastnca.bench.gpu_hw import card_for, floor_s
+
+    card = card_for(str(run.get("device_name") or "")) if run.get("device") == "cuda" else None
+    if card is None or not (ei.get("bytes") or ei.get("flops")):
+        return None
+    kind = str(ei.get("flop_kind", "ieee"))
+    return floor_s(float(ei.get("bytes") or 0), float(ei.get("flops") or 0), card, kind)
+
 
 def rows_from_pytest_json(data: dict) -> list[Row]:
     """pytest-benchmark's JSON (or its in-session dicts) -> rows in run order, with ratios."""
-    rows = []
+    rows, run = [], data.get("fastnca") or {}
     for b in data.get("benchmarks", []):
         ei = dict(b.get("extra_info") or {})
         rows.append(
@@ -83,6 +129,10 @@ def rows_from_pytest_json(data: dict) -> list[Row]:
                 baseline=str(ei.get("baseline", BASELINE_VARIANT)),
                 extra={k: v for k, v in ei.items() if k not in _HIDDEN_EXTRA},
                 rounds=int(b["stats"].get("rounds", 0)),
+                threads=run.get("threads"),
+                flops=float(ei["flops"]) if ei.get("flops") else None,
+                mm_gflops=run.get("mm_gflops"),
+                floor_s=_floor(ei, run),
             )
         )
     for r in rows:
@@ -95,13 +145,18 @@ def rows_from_pytest_json(data: dict) -> list[Row]:
 
 
 def combine_runs(runs: list[list[Row]]) -> list[Row]:
-    """Rows of several runs of the same suites -> one row each: the median of the medians and of
-    the speed-ups, with the lowest speed-up kept in ``extra["min speed-up"]`` (for baselines)."""
+    """Rows of several runs of the same suites -> one row each per (thread count, row key): the
+    median of the medians and of the speed-ups, with the lowest speed-up kept in
+    ``extra["min speed-up"]`` (for baselines). Runs at other thread counts are rows of their own."""
     if len(runs) == 1:
         return runs[0]
-    out = []
-    for r in runs[0]:
-        same = [x for run in runs for x in run if x.key == r.key]
+    out, seen = [], set()
+    for r in (x for run in runs for x in run):
+        if (r.threads, r.key) in seen:
+            continue
+        seen.add((r.threads, r.key))
+        same = [x for run in runs for x in run if x.key == r.key and x.threads == r.threads]
+        mms = [x.mm_gflops for x in same if x.mm_gflops]
         ratios = [x.ratio for x in same if x.ratio is not None]
         extra = dict(r.extra)
         if ratios and len(ratios) == len(same):
@@ -116,13 +171,26 @@ def combine_runs(runs: list[list[Row]]) -> list[Row]:
                 extra,
                 sum(x.rounds for x in same),
                 r.paired,
+                r.threads,
+                r.flops,
+                statistics.median(mms) if mms else None,
+                r.floor_s,
             )
         )
     return out
 
 
-def machine_info(device: str | None = None, threads: int | None = None) -> dict:
-    """CPU model, cores, torch threads, versions and the benchmark device (its name on CUDA)."""
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask), the meaning of ``--threads all``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine_info(device: str | None = None, threads: int | list[int] | None = None) -> dict:
+    """CPU model, cores, torch threads (a list when the run covers several counts), versions and
+    the benchmark device (its name on CUDA)."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -142,7 +210,7 @@ def machine_info(device: str | None = None, threads: int | None = None) -> dict:
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     info = {
         "cpu": cpu,
-        "cores": os.cpu_count(),
+        "cores": usable_cores(),
         "threads": threads or torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
