@@ -81,7 +81,8 @@ def run_suites(
     env: dict | None = None,
     echo=print,
 ) -> tuple[list[Row], int]:
-    """Run the chosen suites through pytest-benchmark; return (rows, pytest exit code)."""
+    """Run the chosen suites through pytest-benchmark at one torch thread count (``threads``;
+    None: torch's default); return (rows, pytest exit code)."""
     if suite not in SUITES:
         raise BenchError(f"unknown suite {suite!r}: expected one of {', '.join(SUITES)}")
     bench_dir = find_bench_dir(bench_dir)
@@ -108,4 +109,25 @@ def run_suites(
             echo(line.rstrip("\n"))
         rc = proc.wait()
         data = json.loads(json_out.read_text()) if json_out.is_file() else {}
-    return rows_from_pytest_json(data), rc
+    rows = rows_from_pytest_json(data)
+    for r in rows:
+        r.threads = threads or r.threads
+    return rows, rc
+
+
+def resolve_threads(spec: str | None, cores: int) -> list[int]:
+    """``--threads`` "1,2" / "all" / "1,all" -> distinct thread counts in the order given
+    ("all" = ``cores``, the cores this process may use)."""
+    out: list[int] = []
+    for part in (spec or "").split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        n = cores if part == "all" else int(part) if part.isdigit() else 0
+        if n < 1:
+            raise BenchError(f"--threads: expected a positive integer or 'all', got {part!r}")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise BenchError(f"--threads: expected a comma-separated list like 1,all, got {spec!r}")
+    return out

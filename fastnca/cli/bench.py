@@ -5,6 +5,7 @@ Examples:
     fastnca bench --quick                        # all suites, reduced sizes and rounds (< 3 min)
     fastnca bench --suite ops --plot ops.png     # op kernels: lesson eager vs compiled vs fastnca
     fastnca bench --quick --suite ops --gate     # CI: fail if a fastnca path lost its speed-up
+    fastnca bench --quick --threads 1,all        # each row at 1 thread and at every core
     fastnca bench --save main                    # same-machine runs: record ...
     fastnca bench --compare main --fail-above 10 # ... and fail if a median regressed > 10 %
 """
@@ -17,7 +18,7 @@ import os
 import shlex
 from pathlib import Path
 
-from fastnca.cli._common import UsageError, add_common, positive_int
+from fastnca.cli._common import UsageError, positive_int
 
 SUITE_NAMES = ("ops", "train", "all")
 DEVICES = ("auto", "cpu", "cuda")
@@ -50,7 +51,15 @@ def add_parser(sub):
         metavar="EXPR",
         help="only benchmarks whose name matches this pytest -k expression",
     )
-    add_common(p, None, device=False)
+    p.add_argument(
+        "--threads",
+        type=_thread_spec,
+        default=None,
+        metavar="N[,N...]|all",
+        help="torch CPU thread counts, each a run of its own: e.g. 1, 1,2 or 1,all (all = every "
+        "core this process may use). Default: 1 with --quick, torch's own otherwise; with "
+        "--write-baseline 1,all, with --gate the counts the baseline was recorded at",
+    )
     p.add_argument(
         "--device",
         default="auto",
@@ -127,6 +136,38 @@ def add_parser(sub):
     return p
 
 
+def _thread_spec(s: str) -> str:
+    """Validate a --threads list now (argparse error), resolve "all" later."""
+    from fastnca.bench.rows import BenchError
+    from fastnca.bench.runner import resolve_threads
+
+    try:
+        resolve_threads(s, 1)
+    except BenchError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--threads: ")) from None
+    return s
+
+
+def _thread_counts(args, device: str, baseline: dict | None) -> list[int | None]:
+    """The thread counts to run (None: leave torch's default, one run)."""
+    from fastnca.bench import gate, rows, runner
+
+    cores = rows.usable_cores()
+    if args.threads:
+        return runner.resolve_threads(args.threads, cores)
+    if device == "cuda":
+        return [None]
+    if baseline is not None:  # gate: like for like with what was recorded
+        counts = gate.baseline_threads(baseline)
+        if any(t and t > cores for t in counts):
+            print(f"fastnca bench: note: the baseline was recorded at {counts} threads; this "
+                  f"process may use {cores} cores")  # fmt: skip
+        return counts
+    if args.write_baseline:
+        return runner.resolve_threads("1,all", cores)
+    return [1] if args.quick else [None]
+
+
 def _check_args(args) -> None:
     if args.suite not in SUITE_NAMES:
         raise UsageError(
@@ -152,6 +193,14 @@ def _check_args(args) -> None:
             raise UsageError(
                 f"fastnca bench needs {mod.replace('_', '-')}: pip install 'fastnca[dev]'"
             )
+
+
+def _by_repeat(results: list, n_counts: int) -> list:
+    """Runs ordered (repeat, thread count) -> one list of rows per repeat (all its counts)."""
+    return [
+        [r for run in results[i : i + n_counts] for r in run]
+        for i in range(0, len(results), n_counts)
+    ]
 
 
 def _resolve_device(requested: str | None) -> str:
@@ -241,9 +290,7 @@ def run(args) -> int:
         rows.parse_slowdown(os.environ.get(rows.ENV_SLOWDOWN))
     except rows.BenchError as e:
         raise UsageError(str(e)) from None
-    threads = args.threads or (1 if args.quick else None)
-    machine = rows.machine_info(device, threads)
-    kind = rows.device_kind(machine)
+    kind = rows.device_kind(rows.machine_info(device))
     baseline_path = Path(args.baseline or runner.BASELINES_DIR / f"{kind}.json")
     baseline = None
     if args.gate:
@@ -256,11 +303,14 @@ def run(args) -> int:
             baseline = gate.load_baseline(baseline_path)
         except rows.BenchError as e:
             raise UsageError(f"--gate: {e}") from None
+    counts = _thread_counts(args, device, baseline)
+    machine = rows.machine_info(device, counts if len(counts) > 1 else counts[0])
     extra = _pytest_args(args, Path.cwd() / ".benchmarks")
 
     results, rc = [], 0
-    for i in range(args.repeat):  # pytest-benchmark's --save/--compare act on the last run
-        last = i == args.repeat - 1
+    runs = [t for _ in range(args.repeat) for t in counts]  # repeat-major
+    for n, threads in enumerate(runs):  # --save/--compare act on the last run
+        last = n == len(runs) - 1
         found, rc = runner.run_suites(
             args.suite, quick=args.quick, device=device, threads=threads, keyword=args.keyword,
             bench_dir=bench_dir, extra_args=tuple(extra if last else extra[:1]),
@@ -268,7 +318,7 @@ def run(args) -> int:
         results.append(found)
         if rc != 0 or not found:
             break
-    table = rows.combine_runs(results)
+    table = rows.combine_runs(_by_repeat(results, len(counts)))
     if rc == 5 or (rc == 0 and not table):
         k = f", -k {args.keyword}" if args.keyword else ""
         raise UsageError(f"no benchmark matched (suite {args.suite}{', quick' * args.quick}{k})")
@@ -278,7 +328,7 @@ def run(args) -> int:
         f"{machine.get('device_name', device)}, torch {machine['torch']}, "
         f"triton {machine['triton']}"
     )
-    print(report.format_table(table))
+    print(report.format_table(table, machine))
 
     status = 0
     if rc != 0:
