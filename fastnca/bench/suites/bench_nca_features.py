@@ -5,7 +5,8 @@ Workloads: the growing NCA (C=16, F=3, HID=128, zero padding, alive masking on a
 clipped texture NCA (C=12, F=4, HID=96, perception/hidden/update/state clipped). Each row reports
 the bytes autograd keeps per cell and step: fastnca keeps the state, the update mask and (alive
 masking) the alive mask, 4*C + 2 = 66 B for the growing NCA in float32; the eager step keeps
-every intermediate.
+every intermediate. FLOPs per cell and step forward + backward: ``conftest.nca_step_flops``
+(the matmuls and the stencil; clamps and alive max-pools not counted).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import device, sync
+from conftest import device, nca_step_flops, sync
 from torch import nn
 
 from fastnca.nca.distill import GROWING, TEXTURE
@@ -103,4 +104,7 @@ def test_rollout_options_fwd_bwd(benchmark, workload, variant):
     benchmark.group = f"nca {arch} rollout {steps} steps fwd+bwd (B={B}, {S}x{S}) {dev.type}"
     benchmark.extra_info["variant"] = variant
     benchmark.extra_info["saved B/cell/step"] = round(info["saved"] / (B * S * S * steps), 1)
+    benchmark.extra_info["flops"] = nca_step_flops(
+        B * S * S * steps, m.channels, m.n_filters, m.hidden
+    )
     benchmark.pedantic(run, rounds=3 if dev.type == "cpu" else 10, iterations=1)

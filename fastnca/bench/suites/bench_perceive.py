@@ -1,14 +1,16 @@
 """perceive: the lesson's eager code, torch.compile of it, and fastnca, side by side in one run.
 
 Bytes that must move (float32): forward reads x once and writes F*x; forward+backward adds reading
-the F*x gradient and writing dx. On CUDA the Triton rows report achieved GB/s against that floor.
+the F*x gradient and writing dx. FLOPs: 2 * 9 * F * C per cell forward, the same again for dx
+(``conftest.perceive_flops``). Every row reports GFLOP/s and its % of the run's torch.mm rate; on
+CUDA the rows also report achieved GB/s and the % of the roofline floor of a known card.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import device, sync
+from conftest import device, perceive_flops, sync
 
 from fastnca import DEFAULT_FILTERS, perceive
 from fastnca.lesson import lesson_perceive
@@ -55,6 +57,8 @@ def test_perceive(benchmark, shape, mode, variant):
         run()
     benchmark.group = f"perceive {mode} {shape} float32 {dev.type}"
     benchmark.extra_info["variant"] = variant
+    benchmark.extra_info["bytes"] = n_bytes
+    benchmark.extra_info["flops"] = perceive_flops(B * H * W, C, k.shape[0], mode == "fwd+bwd")
     benchmark.pedantic(run, rounds=7 if dev.type == "cpu" else 50, iterations=1)
     if dev.type == "cuda" and variant.startswith("fastnca"):
         gbs = n_bytes / benchmark.stats.stats.median / 1e9

@@ -88,6 +88,10 @@ def test_style_loss_fwd_bwd(benchmark, S, variant):
         run()
     benchmark.group = f"style_loss fwd+bwd VGG16 relu1-5 B=4 {S}x{S} float32 {dev.type}"
     benchmark.extra_info["variant"] = variant
+    # Floor inputs (see the module docstring): 3 passes over the features; 6 B C^2 N FLOPs, at
+    # the rate of fp32-accurate dots (3 TF32 products) on a CUDA card.
+    benchmark.extra_info["bytes"], benchmark.extra_info["flops"] = _floors(feats)
+    benchmark.extra_info["flop_kind"] = "tf32x3"
     benchmark.pedantic(run, rounds=5 if dev.type == "cpu" else 30, iterations=1)
     if dev.type == "cuda":
         n_bytes, flops = _floors(feats)
