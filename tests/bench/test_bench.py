@@ -75,8 +75,9 @@ def test_gate_fails_on_slowdown_and_passes_without():
     # Only fastnca paths are gated (not the baseline, the lesson's compiled code or another
     # reference variant), and only where there is a speed-up to keep (>= 1.2x when recorded).
     g = "perceive fwd (4, 12, 128, 128) float32 cpu :: "
-    assert base["speedups"] == {g + "fastnca": 3.0, g + "fastnca compiled": 2.0}
-    assert base["not_gated"] == {g + "fastnca triton": round(30 / 28, 3)}
+    # (speed-ups per thread count: "default" for rows of a run that set none)
+    assert base["speedups"] == {"default": {g + "fastnca": 3.0, g + "fastnca compiled": 2.0}}
+    assert base["not_gated"] == {"default": {g + "fastnca triton": round(30 / 28, 3)}}
     assert base["device_kind"] == "cpu" and base["fraction"] == 0.5
     ok = gate.check_gate(rows, base)
     assert ok.ok and ok.checked == 2 and "PASSED" in ok.lines[0]
@@ -147,7 +148,9 @@ def test_combine_runs_median_and_min():
     assert fast.extra["min speed-up"] == 2.0 and fast.rounds == 15
     # The baseline records the lowest speed-up of the repeats: not a lucky run.
     base = gate.make_baseline(rows, {"device": "cpu"}, "cmd")
-    assert base["speedups"]["perceive fwd (4, 12, 128, 128) float32 cpu :: fastnca"] == 2.0
+    assert (
+        base["speedups"]["default"]["perceive fwd (4, 12, 128, 128) float32 cpu :: fastnca"] == 2.0
+    )
     assert combine_runs(runs[:1]) is runs[0]
 
 
@@ -186,7 +189,7 @@ def test_table_markdown_json_plot(tmp_path):
     }
     md = bench_report.format_markdown(rows, machine, "fastnca bench --quick")
     assert "`fastnca bench --quick`" in md and "Test CPU (2 cores, 1 torch threads)" in md
-    assert "| lesson eager | 30.00 ms | 1.00x | (baseline) |" in md
+    assert "| lesson eager | 30.00 ms | 1.00x |  |  | (baseline) |" in md
     data = bench_report.results_json(rows, machine, "cmd")
     path = bench_report.write_json(tmp_path / "sub" / "r.json", data)
     back = json.loads(path.read_text())
@@ -219,7 +222,9 @@ def test_cli_errors(capsys, monkeypatch, tmp_path):
     _one_line_error(capsys, ["--compare", "main", "--fail-above", "-1"], "percentage > 0")
     _one_line_error(capsys, ["--gate", "--min-fraction", "2"], "--min-fraction must be in (0, 1]")
     _one_line_error(capsys, ["--repeat", "0"], "--repeat: expected a positive integer, got '0'")
-    _one_line_error(capsys, ["--threads", "0"], "--threads: expected a positive integer, got '0'")
+    _one_line_error(
+        capsys, ["--threads", "0"], "--threads: expected a positive integer or 'all', got '0'"
+    )
     _one_line_error(capsys, ["--compare", "nosuch"], "no run saved as 'nosuch'")
     _one_line_error(
         capsys, ["--gate", "--baseline", "missing.json"], "no baseline file missing.json"
@@ -260,6 +265,7 @@ def fake_suite(tmp_path, monkeypatch):
     (suite / "pytest.ini").write_text(ini)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FASTNCA_BENCH_INJECT_SLOWDOWN", raising=False)
+    monkeypatch.setenv("FASTNCA_BENCH_MM", "128")  # a small matmul rate: the path, not the number
     return suite
 
 
@@ -278,14 +284,15 @@ def test_real_run_gate_and_compare(fake_suite, tmp_path, capsys, monkeypatch):
         "base.json",
     ]
     argv = [*common, "--write-baseline", "--repeat", "2", "--save", "ref", "--json", "a.json"]
+    argv += ["--threads", "1"]  # (without it: 1 thread and all cores, tests/bench/test_threads.py)
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "fake op small   [baseline: lesson eager]" in out and "fake op big" not in out
+    assert "fake op small   [1 thread; baseline: lesson eager]" in out and "fake op big" not in out
     base = json.loads((tmp_path / "base.json").read_text())
-    assert list(base["speedups"]) == ["fake op small :: fastnca"]  # quick subset, gated row only
-    assert base["speedups"]["fake op small :: fastnca"] > 3  # 12 ms / 2 ms, roughly
+    assert base["speedups"] == {"1": {"fake op small :: fastnca": pytest.approx(6, rel=0.5)}}
+    assert base["format"] == 2  # quick subset, gated row only, at 1 thread; 12 ms / 2 ms
     assert base["recorded_with"].startswith("fastnca bench --quick --write-baseline --suite ops")
-    assert "--repeat 2 --device cpu" in base["recorded_with"]
+    assert "--threads 1 --repeat 2 --device cpu" in base["recorded_with"]
     a = json.loads((tmp_path / "a.json").read_text())
     # 9 rounds capped to 5 in quick mode, twice (--repeat 2); the lowest speed-up is kept.
     assert [r["rounds"] for r in a["rows"]] == [2 * plugin.QUICK_ROUNDS] * 3
@@ -303,7 +310,8 @@ def test_real_run_gate_and_compare(fake_suite, tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert rc == 1
     assert (
-        "ratio gate: FAILED (0/1 recorded rows" in out and "FAIL  fake op small :: fastnca" in out
+        "ratio gate: FAILED (0/1 recorded rows" in out
+        and "FAIL  [1 thr] fake op small :: fastnca" in out
     )
     assert "Performance has regressed" in out  # pytest-benchmark's median:150% check
     b = json.loads((tmp_path / "b.json").read_text())
@@ -341,12 +349,19 @@ def test_every_baseline_row_exists_and_every_op_is_gated(tmp_path):
     assert baselines, "no committed baseline"
     for path in baselines:
         base = gate.load_baseline(path)
-        recorded = set(base["speedups"]) | set(base.get("not_gated", {}))
-        if base["device_kind"] == "cpu":
-            missing = sorted(recorded - set(produced))
-            assert not missing, f"{path.name} records rows no suite produces: {missing}"
-            for op in ("perceive", "nca rollout", "nca growing", "style_loss"):
-                assert any(op in k for k in recorded), f"{path.name}: no {op} row recorded"
+        cpu = base["device_kind"] == "cpu"
+        if cpu:  # a CPU baseline is recorded at 1 thread and at all cores (format 2)
+            assert "1" in base["speedups"] and len(base["speedups"]) >= 2, path.name
+        all_gated = set()
+        for threads, per in base["speedups"].items():
+            recorded = set(per) | set(base.get("not_gated", {}).get(threads, {}))
+            all_gated |= set(per)
+            if cpu:
+                missing = sorted(recorded - set(produced))
+                assert not missing, f"{path.name} records rows no suite produces: {missing}"
+                for op in ("perceive", "nca rollout", "nca growing", "style_loss"):
+                    assert any(op in k for k in recorded), f"{path.name} {threads}: no {op} row"
+            assert set(per) <= gated | {k for k in recorded if "cuda" in k}
+        if cpu:
             for op in ("nca growing", "style_loss"):  # gated: recorded at >= 1.2x, lowest of 3
-                assert any(op in k for k in base["speedups"]), f"{path.name}: no gated {op} row"
-        assert set(base["speedups"]) <= gated | {k for k in recorded if "cuda" in k}
+                assert any(op in k for k in all_gated), f"{path.name}: no gated {op} row"
