@@ -173,6 +173,21 @@ def test_timer_choice_and_cuda_event_timing_with_a_fake_device():
     assert calls == ["flush", "b", "flush", "r", "flush", "r", "flush", "b"]
 
 
+def test_l2_flush_buffer_and_setup_contract(monkeypatch):
+    """The flush zeroes 2x the card's L2 (at least 64 MiB) and returns None, as pytest-benchmark
+    requires of a setup that passes no arguments (faked properties, a CPU buffer)."""
+    import torch
+
+    class Props:
+        L2_cache_size = 60 * 2**20  # an H100/H200's 50-60 MB
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    flush = plugin.l2_flush("cpu")
+    assert flush() is None and flush.nbytes == 120 * 2**20
+    Props.L2_cache_size = 6 * 2**20
+    assert plugin.l2_flush("cpu").nbytes == 64 * 2**20
+
+
 def test_mm_rate_with_a_fake_timer_and_dropped_results():
     clock = [0.0]
 

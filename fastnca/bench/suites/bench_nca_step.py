@@ -120,6 +120,7 @@ def test_rollout_fwd_bwd(benchmark, workload, variant):
     )
     benchmark.extra_info["variant"] = variant
     benchmark.extra_info["saved B/cell/step"] = round(info["saved"] / (B * S * S * steps), 1)
+    benchmark.extra_info["flop_kind"] = "half" if dtype == torch.bfloat16 else "ieee"
     benchmark.extra_info["flops"] = nca_step_flops(
         B * S * S * steps, m.channels, m.n_filters, m.hidden
     )
