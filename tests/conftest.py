@@ -80,3 +80,12 @@ def assert_rounded(got, exact, mag, n, acc=torch.float32, name="output", rel=0.0
 def nan_like(shape, dtype, device="cpu"):
     """Output buffer filled with NaN, so a cell a kernel never writes fails the comparison."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def tiny_train_args(max_steps=3, gif_frames=1, progress=False) -> list[str]:
+    """`fastnca train` options of a run that takes a second: a 16x16 grid, 4 channels, 8 hidden,
+    a pool of 4, batches of 2, 2..max_steps steps, random VGG weights (no download)."""
+    args = ["--size", "16", "--channels", "4", "--hidden", "8", "--pool", "4", "--batch", "2"]
+    args += ["--min-steps", "2", "--max-steps", str(max_steps), "--weights", "random"]
+    args += ["--gif-frames", str(gif_frames)]
+    return args if progress else args + ["--no-progress"]

@@ -6,33 +6,14 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_train_args
 from PIL import Image
 
 from fastnca.cli import main
 from fastnca.nca.checkpoint import load_checkpoint, save_checkpoint
 from fastnca.nca.model import NCA
 
-TINY = [
-    "--size",
-    "16",
-    "--channels",
-    "4",
-    "--hidden",
-    "8",
-    "--pool",
-    "4",
-    "--batch",
-    "2",
-    "--min-steps",
-    "2",
-    "--max-steps",
-    "4",
-    "--weights",
-    "random",
-    "--no-progress",
-    "--gif-frames",
-    "2",
-]
+TINY = tiny_train_args(max_steps=4, gif_frames=2)
 
 
 @pytest.fixture(autouse=True)

@@ -8,30 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+
+from conftest import tiny_train_args
 
 from fastnca.nca.checkpoint import load_checkpoint
 
-TINY = [
-    "--size",
-    "16",
-    "--channels",
-    "4",
-    "--hidden",
-    "8",
-    "--pool",
-    "4",
-    "--batch",
-    "2",
-    "--min-steps",
-    "2",
-    "--max-steps",
-    "3",
-    "--weights",
-    "random",
-    "--gif-frames",
-    "1",
-]
+TINY = tiny_train_args(progress=True)
 ENV = {**os.environ, "FASTNCA_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("FASTNCA_DEBUG", None)
 
@@ -41,22 +25,30 @@ def _cmd(*args) -> list[str]:
 
 
 def _start(*args) -> subprocess.Popen:
-    return subprocess.Popen(
-        _cmd(*args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    # stdout (progress lines) and stderr go to a file (appended) read while the process runs.
+    fd, path = tempfile.mkstemp(suffix=".log")
+    os.close(fd)
+    with open(path, "a") as log:
+        p = subprocess.Popen(_cmd(*args), env=ENV, stdout=log, stderr=log)
+    p.log = path
+    return p
+
+
+def _err(p: subprocess.Popen) -> str:
+    with open(p.log) as f:
+        return f.read()
 
 
 def _wait_for_training(p: subprocess.Popen, run, timeout: float = 300.0) -> None:
-    """Wait until p owns ``run`` (its pid in .lock) and has written config.json after taking the
-    lock (the signal handlers are installed right after), plus a margin."""
+    """Wait until p owns ``run`` (its pid in .lock), has written config.json after taking the
+    lock and has printed a progress line (an iteration done), on a loaded machine too."""
     lock, cfg, end = run / ".lock", run / "config.json", time.monotonic() + timeout
     while time.monotonic() < end:
         if p.poll() is not None:
-            raise AssertionError(f"{p.args} ended early ({p.returncode}): {p.stderr.read()}")
+            raise AssertionError(f"{p.args} ended early ({p.returncode}): {_err(p)}")
         try:
             mine = lock.read_text().strip() == str(p.pid)
-            if mine and cfg.stat().st_mtime_ns >= lock.stat().st_mtime_ns:
-                time.sleep(0.5)
+            if mine and cfg.stat().st_mtime_ns >= lock.stat().st_mtime_ns and "train [" in _err(p):
                 return
         except FileNotFoundError:
             pass
@@ -66,8 +58,8 @@ def _wait_for_training(p: subprocess.Popen, run, timeout: float = 300.0) -> None
 
 
 def _finish(p: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
-    _, err = p.communicate(timeout=timeout)
-    return p.returncode, err
+    p.wait(timeout=timeout)
+    return p.returncode, _err(p)
 
 
 def test_second_train_on_the_same_dir_fails_at_once_naming_the_pid(tmp_path):
@@ -95,7 +87,7 @@ def test_second_train_on_the_same_dir_fails_at_once_naming_the_pid(tmp_path):
         assert r.returncode == 2 and f"pid {a.pid}" in r.stderr
     finally:
         a.kill()
-        a.communicate()
+        a.wait()
 
 
 def test_sigterm_then_sigint_then_resume_equals_an_unbroken_run(tmp_path):
@@ -134,7 +126,7 @@ def test_temp_files_of_a_killed_writer_are_gone_after_the_next_start(tmp_path):
     p = _start("-o", run, "--iters", "1000", *TINY)
     _wait_for_training(p, run)
     p.send_signal(signal.SIGKILL)  # kill -9: no handler, no cleanup
-    p.communicate()
+    p.wait()
     assert p.returncode == -signal.SIGKILL
     stale = run / ".checkpoint.pt.x1y2z3.tmp"  # what atomic_path leaves when killed mid-write
     stale.write_bytes(b"partial")

@@ -8,31 +8,12 @@ import pickle
 
 import pytest
 import torch
+from conftest import tiny_train_args
 
 from fastnca.cli import main
 from fastnca.nca.checkpoint import load_checkpoint
 
-TINY = [
-    "--size",
-    "16",
-    "--channels",
-    "4",
-    "--hidden",
-    "8",
-    "--pool",
-    "4",
-    "--batch",
-    "2",
-    "--min-steps",
-    "2",
-    "--max-steps",
-    "3",
-    "--weights",
-    "random",
-    "--gif-frames",
-    "1",
-    "--no-progress",
-]
+TINY = tiny_train_args()
 
 
 @pytest.fixture(autouse=True)

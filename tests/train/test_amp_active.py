@@ -4,6 +4,7 @@ training, stylize and both CLI flags. Without the flag the same probes see float
 
 import pytest
 import torch
+from conftest import tiny_train_args
 
 from fastnca.cli import main
 from fastnca.nca.recipe import NCACB
@@ -74,29 +75,11 @@ def test_train_cli_amp_flag(probes, tmp_path):
         "train",
         "-o",
         str(tmp_path / "r"),
-        "--no-progress",
-        "--gif-frames",
-        "1",
         "--amp",
         "bf16",
-        "--size",
-        "16",
-        "--channels",
-        "4",
-        "--hidden",
-        "8",
-        "--pool",
-        "4",
-        "--batch",
-        "2",
-        "--min-steps",
-        "2",
-        "--max-steps",
-        "3",
         "--iters",
         "1",
-        "--weights",
-        "random",
+        *tiny_train_args(),
     ]
     assert main(argv) == 0
     assert probes["features"] == {torch.bfloat16} and probes["state"] == {torch.float32}
