@@ -67,97 +67,100 @@ def _acc(t):
 
 
 def _setup(x, w1, b1, w2, mask, filters):
-    # What forward and backward share: the fired cells, the weights in the planes' row order
-    # (f*C + c), and the state in (C, B, H, W) layout (a view).
+    # What forward and backward share: the fired cells (flat b*H*W + i*W + j, and i*W + j within
+    # their image), the weights in the planes' row order (f*C + c), the state as (C, B, H, W).
     dt = _acc(x)
-    C, NF = x.shape[1], filters.shape[0]
+    B, C, H, W = x.shape
     idx, vals = _fired(mask, dt)
-    w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)
+    w1p = w1.to(dt).view(-1, C, filters.shape[0]).transpose(1, 2).reshape(-1, w1.shape[1])
     b1c = None if b1 is None else b1.to(dt)[:, None]
     xt = x.to(dt).transpose(0, 1)
-    return dt, _taps(filters), idx, vals, w1p, b1c, w2.to(dt), xt
+    return dt, _taps(filters), idx, torch.remainder(idx, H * W), vals, w1p, b1c, w2.to(dt), xt
 
 
 MIN_FIRED = 2048  # fired cells per MLP part at least
 
 
-def _cell_parts(idx):
-    # Parts of the MLP over fired cells: contiguous runs of at least MIN_FIRED cells.
-    return split(idx.numel(), n_parts(idx.numel(), MIN_FIRED))
+def _segments(idx, B, HW):
+    # Per part: (s, e, b) runs of idx of at most _chunk() cells, each inside one image b, so that
+    # an image's own (C, H*W) rows can be read and written with local indices.
+    starts = torch.searchsorted(idx, torch.arange(B + 1) * HW).tolist()  # image b: [b], [b+1]
+    chunk = _chunk()
+    segs = []
+    for lo, hi in split(idx.numel(), n_parts(idx.numel(), MIN_FIRED)):
+        segs.append([])
+        for b in range(B):
+            s0, s1 = max(lo, starts[b]), min(hi, starts[b + 1])
+            segs[-1] += [(s, min(s + chunk, s1), b) for s in range(s0, s1, chunk)]
+    return segs
 
 
 def _cpu_forward(x, w1, b1, w2, b2, mask, filters):
     # The MLP on fired cells only, in column blocks of _chunk() cells, parts on every thread
     # (ops._cpu_parallel). -> (B, C, H, W) in x.dtype.
     B, C, H, W = x.shape
-    N = B * H * W
-    dt, taps, idx, vals, w1p, b1c, w2c, xt = _setup(x, w1, b1, w2, mask, filters)
+    HW = H * W
+    dt, taps, idx, loc, vals, w1p, b1c, w2c, xt = _setup(x, w1, b1, w2, mask, filters)
     b2c = None if b2 is None else b2.to(dt)[:, None]
     p = torch.empty((len(taps), C, B, H, W), dtype=dt)
-    out = torch.empty((C, B, H, W), dtype=dt)  # (C, B*H*W) below: fired columns get their update
-    cparts = channel_parts(C, N)
+    out = torch.empty((B, C, H, W), dtype=dt)  # x, then fired cells get their update
+    cparts = channel_parts(C, B * HW)
 
     def planes(i):
         c0, c1 = cparts[i]
         planes_into(circular_pad1(xt[c0:c1]), taps, [pf[c0:c1] for pf in p])
-        out[c0:c1].copy_(xt[c0:c1])
+        out[:, c0:c1].copy_(x[:, c0:c1])
 
     run_parts(planes, len(cparts))
-    p, out2 = p.view(-1, N), out.view(C, N)
-    mparts = _cell_parts(idx)
+    p, out3 = p.view(-1, B * HW), out.view(B, C, HW)
+    segs = _segments(idx, B, HW)
 
     def mlp(i):
-        lo, hi = mparts[i]
-        chunk = _chunk()
-        for s in range(lo, hi, chunk):
-            ic = idx[s : min(s + chunk, hi)]
-            pc = p.index_select(1, ic)  # (F*C, n)
+        for s, e, b in segs[i]:
+            pc = p.index_select(1, idx[s:e])  # (F*C, n)
             a = w1p @ pc if b1c is None else torch.addmm(b1c, w1p, pc)  # (HID, n)
             y = w2c @ a.relu_() if b2c is None else torch.addmm(b2c, w2c, a.relu_())
             if vals is not None:
-                y.mul_(vals[s : s + ic.numel()])
-            out2.scatter_add_(1, ic.expand(C, -1), y)  # parts own disjoint columns
+                y.mul_(vals[s:e])
+            out3[b].scatter_add_(1, loc[s:e].expand(C, -1), y)  # parts own disjoint cells
 
-    run_parts(mlp, len(mparts))
-    return out.transpose(0, 1).to(x.dtype).contiguous()
+    run_parts(mlp, len(segs))
+    return out.to(x.dtype)
 
 
 def _cpu_backward(grad, x, w1, b1, w2, mask, filters):
     # -> (dx in grad's dtype, dw1, db1, dw2, db2 in the accumulation dtype), like nca_step_bwd.
     B, C, H, W = x.shape
-    N = B * H * W
-    dt, taps, idx, vals, w1p, b1c, w2c, xt = _setup(x, w1, b1, w2, mask, filters)
+    HW = H * W
+    dt, taps, idx, loc, vals, w1p, b1c, w2c, xt = _setup(x, w1, b1, w2, mask, filters)
     NF = len(taps)
-    gt = grad.to(dt).transpose(0, 1)
+    g = grad.to(dt)
+    g3 = g.reshape(B, C, HW)
     p = torch.empty((NF, C, B, H, W), dtype=dt)
     dp = torch.empty((NF, C, B, H, W), dtype=dt)
-    gT = torch.empty((C, B, H, W), dtype=dt)
     acc = torch.empty((C, B, H + 2, W + 2), dtype=dt)
-    cparts = channel_parts(C, N)
+    cparts = channel_parts(C, B * HW)
 
     def planes(i):
         c0, c1 = cparts[i]
         planes_into(circular_pad1(xt[c0:c1]), taps, [pf[c0:c1] for pf in p])
-        gT[c0:c1].copy_(gt[c0:c1])
         dp[:, c0:c1].zero_()  # resting cells have no dP
 
     run_parts(planes, len(cparts))
-    p, dp2, gT2 = p.view(-1, N), dp.view(-1, N), gT.view(C, N)
-    mparts = _cell_parts(idx)
+    p, dp2 = p.view(-1, B * HW), dp.view(-1, B * HW)
+    segs = _segments(idx, B, HW)
 
     def mlp(i):
         # Weight gradients of this part's cells (summed over parts below) and its dP columns.
-        lo, hi = mparts[i]
         dw1p, dw2 = torch.zeros_like(w1p), torch.zeros_like(w2c)
         db1, db2 = torch.zeros(w1p.shape[0], dtype=dt), torch.zeros(C, dtype=dt)
-        chunk = _chunk()
-        for s in range(lo, hi, chunk):
-            ic = idx[s : min(s + chunk, hi)]
+        for s, e, b in segs[i]:
+            ic = idx[s:e]
             pc = p.index_select(1, ic)  # (F*C, n)
             h = (w1p @ pc if b1c is None else torch.addmm(b1c, w1p, pc)).relu_()  # (HID, n)
-            gy = gT2.index_select(1, ic)  # (C, n)
+            gy = g3[b].index_select(1, loc[s:e])  # (C, n)
             if vals is not None:
-                gy.mul_(vals[s : s + ic.numel()])
+                gy.mul_(vals[s:e])
             dw2.addmm_(gy, h.t())
             db2.add_(gy.sum(1))
             da = torch.ops.aten.threshold_backward(w2c.t() @ gy, h, 0)  # (HID, n)
@@ -166,14 +169,14 @@ def _cpu_backward(grad, x, w1, b1, w2, mask, filters):
             dp2.scatter_(1, ic.expand(NF * C, -1), w1p.t() @ da)
         return dw1p, db1, dw2, db2
 
-    grads = [sum(parts) for parts in zip(*run_parts(mlp, len(mparts)), strict=True)]
+    grads = [sum(parts) for parts in zip(*run_parts(mlp, len(segs)), strict=True)]
 
     def adjoint(i):
         # dx = g + adjoint perception of dP, channels c0:c1 (padded, halo folded back).
         c0, c1 = cparts[i]
         a = acc[c0:c1]
         a.zero_()
-        a[..., 1 : H + 1, 1 : W + 1] = gT[c0:c1]
+        a[..., 1 : H + 1, 1 : W + 1] = g.transpose(0, 1)[c0:c1]
         adjoint_into(a, [d[c0:c1] for d in dp], taps)
         fold_circular(a)
 
