@@ -418,10 +418,13 @@ def nca_step_bwd(
             x, w1, b1, w2, b2, m, k, g_mlp, clip_t, g, g_dx, opts_g, block_m or fbm, fhb, fnw,
             dot_precision, num_stages,
         )  # fmt: skip
+    opts_b = dict(opts)
     if bits & (CLIP_P.value | CLIP_H.value):
-        opts_b = dict(opts, CLIP=bits & (CLIP_P.value | CLIP_H.value))
-    else:
-        opts_b = opts
+        opts_b["CLIP"] = bits & (CLIP_P.value | CLIP_H.value)
+    if num_stages is None and bits & CLIP_P.value:
+        # A clamped perception tile, software-pipelined, takes 190 KB of shared memory and
+        # spills (sm_80/90/100, docs/gpu_static.md); unpipelined: ~180-250 registers, no spill.
+        num_stages = 1
     dp = torch.empty((B, NF * C, H, W), device=x.device, dtype=acc)  # scratch, freed on return
     n_chunks = triton.cdiv(HID, hb)
     launch(

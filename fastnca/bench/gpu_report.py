@@ -67,7 +67,11 @@ compiled metadata the shared memory.
 Cases: nca_step and perceive at the lesson (4 channels, 8 hidden, 4x256x256), texture (12/96,
 4x128x128) and 16/128 (4x128x128) shapes, 4 filters; gram and style_loss (training: residual
 saved) at VGG16 relu1_1..relu5_1 of one 256x256 image (64/128/256/512/512 channels at 256², 128²,
-64², 32², 16²); each in float32, bfloat16, float16, forward and backward launches.
+64², 32², 16²); each in float32, bfloat16, float16, forward and backward launches. nca_step step
+options, float32, only where they change the compiled kernels: `options=growing` (16/128, zero
+padding, 3 filters; alive masking runs as torch max-pools around the kernels) and
+`options=texture` (12/96, the four clips: forward with CLIP=15, the backward's gradient pass of
+the update/state clips, backward with the perception/hidden clips).
 
 Cell legend per target: `registers / spill-store bytes / shared memory KiB / blocks per SM
 (occupancy)`. Occupancy = resident warps / 64, from registers (allocated per warp in units of 256,
@@ -90,8 +94,10 @@ hidden chunk of 16, that chunk's weight-gradient partials; 32 cells, 8 warps. Th
 of the perception tile are reloaded per tile (volatile) instead of being hoisted out of the
 persistent loop as nine register-resident tiles. Offsets inside an image are 32-bit unless
 F*C*H*W can pass 2**31. Gram/style forward: 8 warps. `dot_precision` ("ieee", "tf32", "tf32x3",
-"bf16", "fp16") is an opt-in of the nca_step launchers; the default keeps float32 accuracy
-(tf32x3 on sm_80+).
+"bf16", "fp16") is an opt-in of the nca_step launchers (and of the public `nca_step`); the
+default keeps float32 accuracy (tf32x3 on sm_80+). With the perception clip the backward kernel
+runs unpipelined (num_stages=1, not shown in the config column): software-pipelined, the clamped
+perception tile took 190 KB of shared memory and spilled 44-76 B on every target.
 
 Open: on sm_100 (reported, not gated) the nca_step backward of the 12- and 16-channel cases still
 spills 16 B (float32) / 36 B (bf16, fp16) per thread; 16 cells, 2-stage or 1-stage pipelining did

@@ -46,6 +46,12 @@ VGG_LAYERS = {  # VGG16 relu1_1..relu5_1 of one 256x256 image: (B, C, H, W)
 }
 DTYPES = ("float32", "bfloat16", "float16")
 NF = 4
+# nca_step options that compile differently (launcher keywords, filters), float32 at one shape each:
+# growing NCA (zero padding, 3 filters; alive masking is outside the kernels), texture (4 clips).
+NCA_OPTIONS = {
+    "growing": (dict(zero_pad=True), 3),
+    "texture": (dict(clip=[-2.0, 2.0, 0.0, 2.0, -2.0, 2.0, -2.0, 2.0]), 4),
+}
 
 
 @dataclass
@@ -71,7 +77,15 @@ def default_cases() -> list[Case]:
         for s in VGG_LAYERS:
             cases.append(Case("gram", s, dt, {}))
             cases.append(Case("style_loss", s, dt, {}))
+    cases.append(Case("nca_step", "16/128", "float32", {"options": "growing"}))
+    cases.append(Case("nca_step", "texture 12/96", "float32", {"options": "texture"}))
     return cases
+
+
+def _nca_options(case: Case) -> tuple[dict, dict, int]:
+    """(launcher keywords, option keywords, filters) of an nca_step case."""
+    kw = dict(case.kwargs)
+    return (kw, *(NCA_OPTIONS[kw.pop("options")] if "options" in kw else ({}, NF)))
 
 
 def parse_inject(spec: str) -> Case:
@@ -99,22 +113,23 @@ def record(case: Case, arch: Arch, device: str = "meta", gpu=None) -> list:
     dt = getattr(torch, case.dtype)
     meta = dict(device=device)
     f32 = dict(device=device, dtype=torch.float32)
-    kw = case.kwargs
+    kw, opts, nf = _nca_options(case)
     gpu = gpu or _launch.GpuInfo((arch.cc // 10, arch.cc % 10), arch.sms)
     with _launch.recording(gpu) as rec:
         if case.op in ("nca_step", "perceive"):
             B, C, H, W, HID = NCA_SHAPES[case.shape]
             x = torch.empty((B, C, H, W), dtype=dt, **meta)
-            k = torch.empty((NF, 3, 3), **f32)
+            k = torch.empty((nf, 3, 3), **f32)
             if case.op == "perceive":
                 perceive_fwd(x, k, **kw)
-                perceive_bwd(torch.empty((B, C * NF, H, W), dtype=dt, **meta), k, **kw)
+                perceive_bwd(torch.empty((B, C * nf, H, W), dtype=dt, **meta), k, **kw)
             else:
-                w1, b1 = torch.empty((HID, NF * C), **f32), torch.empty((HID,), **f32)
+                w1, b1 = torch.empty((HID, nf * C), **f32), torch.empty((HID,), **f32)
                 w2, b2 = torch.empty((C, HID), **f32), torch.empty((C,), **f32)
                 m = torch.empty((B, 1, H, W), dtype=torch.bool, **meta)
-                nca_step_fwd(x, w1, b1, w2, b2, m, k, **kw)
-                nca_step_bwd(torch.empty_like(x), x, w1, b1, w2, m, k, **kw)
+                nca_step_fwd(x, w1, b1, w2, b2, m, k, **kw, **opts)
+                bkw = dict(kw, **opts, b2=b2) if opts else kw  # b2 enters via the update clip
+                nca_step_bwd(torch.empty_like(x), x, w1, b1, w2, m, k, **bkw)
         elif case.op in ("gram", "style_loss"):
             B, C, H, W = VGG_LAYERS[case.shape]
             f = torch.empty((B, C, H, W), dtype=dt, **meta)
@@ -135,8 +150,6 @@ def record(case: Case, arch: Arch, device: str = "meta", gpu=None) -> list:
     return list(rec)
 
 
-# ---------------------------------------------------------------------------------- compiling
-
 # ---------------------------------------------------------------------------------- analysis
 
 
@@ -155,11 +168,14 @@ def work(case: Case, launch) -> tuple[float, float, str, float]:
     kw = launch.kwargs
     if case.op in ("nca_step", "perceive"):
         B, C, H, W, HID = NCA_SHAPES[case.shape]
-        cells, FC = B * H * W, NF * C
-        stencil = 18 * NF * C * cells
+        nf = _nca_options(case)[2]
+        cells, FC = B * H * W, nf * C
+        stencil = 18 * nf * C * cells
         prec = "half" if kw.get("DOT_DTYPE") else kw.get("DOT_PRECISION", "ieee")
         if name == "perceive_fwd_kernel" or name == "perceive_bwd_kernel":
-            return cells * C * s * (1 + NF), 0.0, "ieee", stencil
+            return cells * C * s * (1 + nf), 0.0, "ieee", stencil
+        if name == "nca_step_fwd_kernel" and kw.get("GRAD"):  # reads x, g; writes 2 fp32 grads
+            return cells * (2 * C * s + 1 + 8 * C), 2.0 * cells * HID * (FC + C), prec, stencil
         if name == "nca_step_fwd_kernel":
             return cells * (2 * C * s + 1), 2.0 * cells * HID * (FC + C), prec, stencil
         if name == "nca_step_bwd_kernel":

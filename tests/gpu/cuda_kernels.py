@@ -326,3 +326,71 @@ def test_nca_step_rollout_compile_fullgraph():
     for t, e in zip(leaves, eager, strict=True):
         close(t.grad, e.grad, torch.float32)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+# The step options (zero padding, alive masking, clips, rotated bank) through the Triton op.
+GROWING = dict(padding="zeros", alive_threshold=0.1, perception_angle=0.4)
+TEXTURE = dict(
+    clip={k: (-2.0, 2.0) for k in ("perception", "update", "state")} | {"hidden": (0, 2)}
+)
+
+
+def _options_op_args(a, opts):
+    from fastnca.ops.nca_step_options import check_options
+    from fastnca.reference import rotate_filters
+
+    zero_pad, thr, ch, clip, angle = check_options(
+        opts.get("padding", "circular"),
+        opts.get("alive_threshold"),
+        3,
+        opts.get("clip"),
+        opts.get("perception_angle", 0.0),
+        a["x"].shape[1],
+        4,
+    )
+    return rotate_filters(a["filters"], angle), (zero_pad, thr, ch, clip)
+
+
+@pytest.mark.parametrize("opts", [GROWING, TEXTURE], ids=["growing", "texture"])
+def test_nca_step_options_op(opts):
+    B, C, H, W, hidden = (2, 16, 33, 29, 48) if ON_GPU else (1, 16, 7, 9, 20)
+    a = nca_args(B, C, H, W, hidden)
+    a["x"][:, 3] = torch.rand(B, H, W, device=DEVICE) - 0.5  # some cells alive, some dead
+    k, o = _options_op_args(a, opts)
+    leaves = [a[n].clone().requires_grad_() for n in NCA_LEAVES]
+    out = torch.ops.fastnca.nca_step_options(*leaves, a["mask"], k, *o)[0]
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref = [a[n].detach().double().cpu().requires_grad_() for n in NCA_LEAVES]
+    want = nca_step_ref(*ref, a["mask"].cpu().double(), DEFAULT_FILTERS.double(), **opts)
+    want.backward(g.double().cpu())
+    close(out, want, torch.float32)
+    for t, r in zip(leaves, ref, strict=True):
+        close(t.grad, r.grad, torch.float32)
+    fresh = [t.detach().requires_grad_() for t in leaves]
+    opcheck(
+        torch.ops.fastnca.nca_step_options.default, (*fresh, a["mask"], k, *o), test_utils=UTILS
+    )
+
+
+def test_nca_step_options_rollout_compile_fullgraph():
+    a = nca_args(2, 16, 24, 20, 32)
+    a["x"][:, 3] = torch.rand(2, 24, 20, device=DEVICE) - 0.5
+    masks = [(torch.rand(2, 1, 24, 20) < 0.5).to(DEVICE) for _ in range(4)]
+
+    def rollout(x, w1, b1, w2, b2):
+        for m in masks:
+            x = nca_step(x, w1, b1, w2, b2, mask=m, **GROWING, clip={"update": (-0.5, 0.5)})
+        return x.square().mean()
+
+    cf, counters = frame_count_compile(rollout)
+    leaves = [a[k].clone().requires_grad_() for k in NCA_LEAVES]
+    loss = cf(*leaves)
+    loss.backward()
+    eager = [a[k].clone().requires_grad_() for k in NCA_LEAVES]
+    want = rollout(*eager)
+    want.backward()
+    close(loss, want, torch.float32)
+    for t, e in zip(leaves, eager, strict=True):
+        close(t.grad, e.grad, torch.float32)
+    assert counters["stats"]["unique_graphs"] == 1
