@@ -53,6 +53,10 @@ from fastnca.reference import DEFAULT_FILTERS, perceive_shifts, rotate_filters
 
 # ---------------------------------------------------------------------------------------- CUDA
 
+# The kernels' dot precisions (kernels/nca_step.py DOT_PRECISIONS; kept here so that CPU-only
+# installs validate the argument without importing Triton).
+DOT_PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16", "fp16")
+
 
 @triton_op("fastnca::nca_step", mutates_args={})
 def _nca_step_op(
@@ -63,8 +67,9 @@ def _nca_step_op(
     b2: torch.Tensor | None,
     mask: torch.Tensor,
     filters: torch.Tensor,
+    dot_precision: str | None = None,
 ) -> torch.Tensor:
-    return nca_step_fwd(x, w1, b1, w2, b2, mask, filters)
+    return nca_step_fwd(x, w1, b1, w2, b2, mask, filters, dot_precision=dot_precision)
 
 
 @triton_op("fastnca::nca_step_backward", mutates_args={})
@@ -76,30 +81,30 @@ def _nca_step_backward_op(
     w2: torch.Tensor,
     mask: torch.Tensor,
     filters: torch.Tensor,
+    dot_precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # (dx, dw1, db1, dw2, db2); the caller drops db1/db2 when the step has no such bias.
-    return nca_step_bwd(grad, x, w1, b1, w2, mask, filters)
+    return nca_step_bwd(grad, x, w1, b1, w2, mask, filters, dot_precision=dot_precision)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, mask, filters = inputs
+    x, w1, b1, w2, b2, mask, filters, *extra = inputs  # extra: the Triton op's dot_precision
     ctx.save_for_backward(x, w1, b1, w2, mask, filters)  # x and mask: the only per-step tensors
     ctx.b2_dtype = None if b2 is None else b2.dtype
+    ctx.extra = extra
 
 
 def _autograd(backward_op):
     def backward(ctx, grad):
         x, w1, b1, w2, mask, filters = ctx.saved_tensors
-        dx, dw1, db1, dw2, db2 = backward_op(grad, x, w1, b1, w2, mask, filters)
+        dx, dw1, db1, dw2, db2 = backward_op(grad, x, w1, b1, w2, mask, filters, *ctx.extra)
         return (
             dx.to(x.dtype),
             dw1.to(w1.dtype),
             None if b1 is None else db1.to(b1.dtype),
             dw2.to(w2.dtype),
             None if ctx.b2_dtype is None else db2.to(ctx.b2_dtype),
-            None,
-            None,
-        )
+        ) + (None,) * (2 + len(ctx.extra))
 
     return backward
 
@@ -122,10 +127,12 @@ def _nca_step_options_op(
     alive_threshold: float | None,
     alive_channel: int,
     clip: list[float],
+    dot_precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # -> (out, alive (B, 1, H, W) bool, or (0,) without alive masking), like the CPU options op.
     # The kernel does padding and clips; alive masking is two 3x3 max-pools of one channel.
-    new = nca_step_fwd(x, w1, b1, w2, b2, mask, filters, zero_pad=zero_pad, clip=clip)
+    kw = dict(zero_pad=zero_pad, clip=clip, dot_precision=dot_precision)
+    new = nca_step_fwd(x, w1, b1, w2, b2, mask, filters, **kw)
     if alive_threshold is None:
         return new, torch.empty((0,), dtype=torch.bool, device=x.device)
     ch, thr = alive_channel, alive_threshold
@@ -146,10 +153,12 @@ def _nca_step_options_backward_op(
     filters: torch.Tensor,
     zero_pad: bool,
     clip: list[float],
+    dot_precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if alive.numel():  # dL/d(new): the alive mask carries no gradient
         grad = grad * alive
-    return nca_step_bwd(grad, x, w1, b1, w2, mask, filters, zero_pad=zero_pad, clip=clip, b2=b2)
+    kw = dict(zero_pad=zero_pad, clip=clip, b2=b2, dot_precision=dot_precision)
+    return nca_step_bwd(grad, x, w1, b1, w2, mask, filters, **kw)
 
 
 _nca_step_options_op.register_autograd(
@@ -319,6 +328,7 @@ def nca_step(
     alive_channel: int = 3,
     clip: dict | None = None,
     perception_angle: float = 0.0,
+    dot_precision: str | None = None,
 ) -> torch.Tensor:
     """One NCA update ``x + (w2 relu(w1 perceive(x) + b1) + b2) * mask``, fused, recompute backward.
 
@@ -343,6 +353,11 @@ def nca_step(
         Any option set runs ``fastnca.ops.nca_step_options`` (see there); its backward also keeps
         the alive mask (1 byte per cell). Where the Triton path runs, that is the kernels with
         the options compiled in (``fastnca::nca_step_options``; alive masking around them).
+        dot_precision: the Triton path's float32 dots: None (default: "tf32" when
+            ``torch.backends.cuda.matmul.allow_tf32``, else "tf32x3" on sm_80+, about float32
+            accurate), "tf32", "tf32x3", "ieee", or "bf16"/"fp16" (operands rounded to that type,
+            float32 accumulation). Checked on every path; the CPU and other-device paths compute
+            in float32 (float64 for float64) whatever it says; float64 states always run "ieee".
 
     Returns (B, C, H, W) in x's dtype (contiguous); arithmetic in float32 (float64 for float64).
     Differentiable w.r.t. x, w1, b1, w2, b2 (not the mask or the filters). Backward keeps only x,
@@ -351,6 +366,10 @@ def nca_step(
     if filters is None:
         filters = DEFAULT_FILTERS.to(x.device) if isinstance(x, torch.Tensor) else DEFAULT_FILTERS
     w1, w2 = _check(x, w1, b1, w2, b2, mask, fire_rate, filters)
+    if dot_precision is not None and dot_precision not in DOT_PRECISIONS:
+        raise ValueError(
+            f"dot_precision must be None or one of {DOT_PRECISIONS}, got {dot_precision!r}"
+        )
     if mask is None:
         mask = update_mask(x, fire_rate)
     if (
@@ -372,14 +391,14 @@ def nca_step(
         with torch.autocast(x.device.type, enabled=False):
             if use_triton(x.device):
                 k = rotate_filters(args[-1], o[-1])
-                return torch.ops.fastnca.nca_step_options(*args[:-1], k, *o[:-1])[0]
+                return torch.ops.fastnca.nca_step_options(*args[:-1], k, *o[:-1], dot_precision)[0]
             return nca_step_options(*args, *o)
     args = (x, w1, b1, w2, b2, mask.detach(), filters.detach())
     # The step computes in float32 whatever autocast says (the state is a residual sum over many
     # steps); autocast would otherwise recast the CPU op's inner matmuls and break its buffers.
     with torch.autocast(x.device.type, enabled=False):
         if use_triton(x.device):
-            return torch.ops.fastnca.nca_step(*args)
+            return torch.ops.fastnca.nca_step(*args, dot_precision)
         if x.device.type == "cpu":
             return torch.ops.fastnca.nca_step_cpu(*args)
         return _dense_checkpointed(*args)

@@ -302,10 +302,10 @@ def _(grad, x, w1, b1, w2, b2, mask, alive, filters, zero_pad, clip):
 
 
 def options_setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, mask, filters, zero_pad, _, _, clip = inputs
-    # x, the update mask and the alive mask: the only per-step tensors kept for backward.
+    x, w1, b1, w2, b2, mask, filters, zero_pad, _, _, clip, *extra = inputs  # extra: Triton's
+    # dot_precision. x, the update mask and the alive mask: the only per-step tensors kept.
     ctx.save_for_backward(x, w1, b1, w2, b2, mask, output[1], filters)
-    ctx.zero_pad, ctx.clip = zero_pad, clip
+    ctx.zero_pad, ctx.clip, ctx.extra = zero_pad, clip, extra
 
 
 def options_backward(backward_op):
@@ -315,7 +315,7 @@ def options_backward(backward_op):
     def backward(ctx, grad, _grad_alive):
         x, w1, b1, w2, b2, mask, alive, filters = ctx.saved_tensors
         dx, dw1, db1, dw2, db2 = backward_op(
-            grad, x, w1, b1, w2, b2, mask, alive, filters, ctx.zero_pad, ctx.clip
+            grad, x, w1, b1, w2, b2, mask, alive, filters, ctx.zero_pad, ctx.clip, *ctx.extra
         )
         return (
             dx.to(x.dtype),
@@ -323,7 +323,7 @@ def options_backward(backward_op):
             None if b1 is None else db1.to(b1.dtype),
             dw2.to(w2.dtype),
             None if b2 is None else db2.to(b2.dtype),
-        ) + (None,) * 6
+        ) + (None,) * (6 + len(ctx.extra))
 
     return backward
 

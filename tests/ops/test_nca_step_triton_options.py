@@ -2,6 +2,7 @@
 zero padding, clips, any filter bank, rotated perception and alive masking against nca_step_ref,
 forward and gradients; saved bytes; compile traces."""
 
+import importlib
 import math
 import os
 import subprocess
@@ -278,3 +279,42 @@ def test_launcher_clip_bounds_only_when_set():
     assert knca._options(False, [-inf, inf] * 4, torch.float32, "cpu") == ({}, None)
     kw, t = knca._options(True, [-inf, inf, 0.0, inf, -inf, inf, -inf, 2.0], torch.float64, "cpu")
     assert kw == dict(ZERO_PAD=True, CLIP=2 | 8) and t.dtype == torch.float64 and t[7] == 2.0
+
+
+@pytest.mark.parametrize("opts", [{}, CASES["texture"]], ids=["plain", "texture"])
+def test_dot_precision_reaches_the_kernels(opts, monkeypatch):
+    # nca_step(dot_precision=...) on the Triton path: the launches (forward, gradient pass,
+    # backward) run the requested dots (bf16 operands are emulated exactly by the interpreter).
+    ops_nca = importlib.import_module("fastnca.ops.nca_step")  # the module, not the function
+
+    _backend.set_backend("triton")
+    seen = []
+    real = knca.launch
+    monkeypatch.setattr(
+        knca, "launch", lambda k, *a, **kw: (seen.append(kw.get("DOT_DTYPE")), real(k, *a, **kw))[1]
+    )
+    a = make(B=1, C=4, H=5, W=6, hidden=16, nf=4, dtype=torch.float32)
+    lv = [a[k].clone().requires_grad_() for k in NAMES]
+    try:
+        out = nca_step(*lv, mask=a["mask"], filters=a["filters"], dot_precision="bf16", **opts)
+        out.sum().backward()
+        exact = nca_step(*lv, mask=a["mask"], filters=a["filters"], dot_precision="ieee", **opts)
+    finally:
+        _backend.set_backend(None)
+        _backend.reset()
+    # forward, (the clips' gradient pass,) backward; not dx (no dots); then the "ieee" forward
+    assert seen.count("bf16") == (3 if opts else 2) and seen[-1] == ""
+    assert 0 < (out - exact).abs().max() < 0.05
+    assert ops_nca.DOT_PRECISIONS == knca.DOT_PRECISIONS
+
+
+def test_dot_precision_on_the_cpu_path_is_checked_and_float32():
+    a = make(B=1, C=4, H=5, W=6, hidden=8, nf=4, dtype=torch.float32)
+    args = [a[k] for k in NAMES]
+    base = nca_step(*args, mask=a["mask"], filters=a["filters"])
+    for prec in ("bf16", "tf32", "tf32x3", "ieee"):
+        got = nca_step(*args, mask=a["mask"], filters=a["filters"], dot_precision=prec)
+        assert torch.equal(got, base)  # the CPU op computes in float32 whatever is asked
+    for opts in ({}, CASES["growing"]):
+        with pytest.raises(ValueError, match="dot_precision must be None or one of"):
+            nca_step(*args, mask=a["mask"], filters=a["filters"], dot_precision="fp8", **opts)
