@@ -15,12 +15,15 @@ each variant's median, the ratio lesson/fastnca and the minor page faults per ca
   blocks flush     a 64 MB write before every call, outside the timing (cold caches)
   blocks gap       2 ms of idle before every call (thread-pool wake-up, frequency)
 and the whole set again in a process whose glibc never trims or mmaps (``mallopt``), which
-removes the page faults of fresh large buffers without changing anything else.
+removes the page faults of fresh large buffers without changing anything else; at more than one
+thread, once more with ``OMP_WAIT_POLICY=PASSIVE`` too (OpenMP workers sleep at once after a
+parallel region instead of spinning into the next call, whoever makes it: the thread-pool
+hypothesis; fastnca's CPU ops run their parts on a Python thread pool, not on OpenMP).
 
     .venv/bin/python benchmarks/paired_vs_unpaired.py                 # 1 thread and all cores
     .venv/bin/python benchmarks/paired_vs_unpaired.py --threads 1 --rounds 21 --mode fwd
 
-About a minute on 2 cores. On a shared machine absolute times move with the load: compare the
+About two minutes on 2 cores. On a shared machine absolute times move with the load: compare the
 ratios and fault counts within one run, and rerun it on a quiet machine before quoting it.
 """
 
@@ -149,7 +152,7 @@ def _mode(mode: str, rounds: int, flush_buf) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", default="1,all", help="comma list; 'all' = every usable core")
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--mode", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -163,21 +166,27 @@ def main() -> int:
     counts = sorted({cores if t == "all" else int(t) for t in a.threads.split(",")})
     load = os.getloadavg()[0]
     print(f"perceive {SHAPE} float32, {a.rounds} rounds, {cores} cores, load average {load:.2f}")
-    print(f"{'condition':<34} {'lesson':>9} {'fastnca':>9} {'ratio':>6} {'paired':>6}  faults/call")
+    wait = os.environ.get("OMP_WAIT_POLICY", "default")
+    print(f"OMP_WAIT_POLICY: {wait} unless the row says passive")
+    print(f"{'condition':<42} {'lesson':>9} {'fastnca':>9} {'ratio':>6} {'paired':>6}  faults/call")
     report = {}
     for threads in counts:
-        for no_trim in (False, True):
+        for no_trim, passive in ((False, False), (True, False), (True, True)):
+            if passive and threads == 1:
+                continue
             cmd = [sys.executable, __file__, "--worker", "--threads", str(threads)]
             cmd += ["--rounds", str(a.rounds), "--mode", a.mode] + ["--no-trim"] * no_trim
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            if passive:
+                env["OMP_WAIT_POLICY"] = "PASSIVE"
             res = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True,
                                             check=True).stdout.splitlines()[-1])  # fmt: skip
-            tag = f"{threads} thr{' no-trim' if no_trim else ''}"
+            tag = f"{threads} thr{' no-trim' if no_trim else ''}{' passive' if passive else ''}"
             for cond, r in res.items():
                 report[f"{tag} | {cond}"] = r
                 paired = f"{r['paired ratio']:5.2f}x" if r["paired ratio"] else "      "
                 print(
-                    f"{tag + ' | ' + cond:<34} {r['lesson ms']:7.2f}ms {r['fastnca ms']:7.2f}ms "
+                    f"{tag + ' | ' + cond:<42} {r['lesson ms']:7.2f}ms {r['fastnca ms']:7.2f}ms "
                     f"{r['ratio of medians']:5.2f}x {paired}  "
                     f"{r['faults/call lesson']:.0f} / {r['faults/call fastnca']:.0f}"
                 )
