@@ -18,8 +18,8 @@ measure the same thing): the call's result is dropped before the next call (pyte
 ``pedantic`` would keep it alive across the next round); on CPU with ``time.perf_counter``; on
 CUDA with CUDA events (:func:`choose_timer`), the L2 cache flushed before every call by zeroing a
 buffer twice its size, outside the timed region (a suite may set ``extra_info["l2_flush"] =
-False`` for a compute-bound row). A row whose calls take minor page faults reports
-``page faults/call``.
+False`` for a compute-bound row). A row whose calls take minor page faults (more than
+``FAULTS_SHOWN``, the median per call) reports ``page faults/call``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from fastnca.bench.rows import (
 
 QUICK_ROUNDS = 5
 PAIR_BELOW_S = 1.0
+FAULTS_SHOWN = 16  # pages (64 KiB): a few faults per call are the allocator's noise
 ENV_QUICK = "FASTNCA_BENCH_QUICK"
 ENV_THREADS = "FASTNCA_BENCH_THREADS"
 ENV_PAIRED = "FASTNCA_BENCH_PAIRED"
@@ -271,7 +272,7 @@ def _fastnca_bench_pedantic(request):
         out = original(target, args, kwargs, setup=setup, teardown=teardown, rounds=rounds,
                        warmup_rounds=warmup_rounds, iterations=iterations)  # fmt: skip
         flt = statistics.median(faults) if faults else 0
-        if flt:
+        if flt > FAULTS_SHOWN:
             ei["page faults/call"] = round(flt)
         if (setup is None or setup is flush) and os.environ.get(ENV_PAIRED, "1") == "1":
             call = functools.partial(target, *args, **(kwargs or {}))

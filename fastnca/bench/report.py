@@ -29,6 +29,13 @@ def _fmt_extra(extra: dict) -> str:
     return "  ".join(f"{k}={v}" for k, v in extra.items())
 
 
+def threads_text(t) -> str:
+    """machine["threads"]: 1 -> "1", [1, 2] -> "1 and 2"."""
+    if isinstance(t, (list, tuple)):
+        return ", ".join(map(str, t[:-1])) + f" and {t[-1]}" if len(t) > 1 else str(t[0])
+    return str(t)
+
+
 def _threads(t: int | None) -> str:
     return f"{t} thread{'s' * (t != 1)}" if t else ""
 
@@ -106,7 +113,7 @@ def format_markdown(rows: list[Row], machine: dict, command: str) -> str:
     dev = machine.get("device_name") or machine.get("device")
     out = [
         f"Measured with `{command}` on {machine['cpu']} ({machine['cores']} cores, "
-        f"{machine.get('threads', '?')} torch threads), device "
+        f"{threads_text(machine.get('threads', '?'))} torch threads), device "
         f"{dev}; torch {machine['torch']}, triton {machine['triton']}, Python {machine['python']}.",
         "Speed-up = median time of the group's baseline / the row's, in the same run; * = the "
         "row's rounds and the baseline's were timed alternately (paired), so machine load hits "

@@ -323,7 +323,8 @@ def run(args) -> int:
         k = f", -k {args.keyword}" if args.keyword else ""
         raise UsageError(f"no benchmark matched (suite {args.suite}{', quick' * args.quick}{k})")
     print(
-        f"\nfastnca bench: {machine['cpu']} ({machine['cores']} cores, {machine['threads']} "
+        f"\nfastnca bench: {machine['cpu']} ({machine['cores']} cores, "
+        f"{report.threads_text(machine['threads'])} "
         f"torch threads), device "
         f"{machine.get('device_name', device)}, torch {machine['torch']}, "
         f"triton {machine['triton']}"

@@ -58,6 +58,7 @@ def test_rows_per_thread_count_and_format2_baseline(tmp_path):
     table = bench_report.format_table(rows)
     assert "g   [1 thread; baseline: lesson eager]" in table
     assert "g   [2 threads; baseline: lesson eager]" in table
+    assert bench_report.threads_text([1, 2]) == "1 and 2" and bench_report.threads_text(1) == "1"
 
 
 def test_format1_baseline_is_read_as_its_thread_count(tmp_path):
