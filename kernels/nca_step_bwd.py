@@ -1,7 +1,7 @@
 """Backward kernels of the fused NCA step (launched by ``nca_step_bwd`` in nca_step.py; the math is
 in that module's docstring). With clip options (bits of CLIP, kernels/_nca_tile.py):
 
-    p = clip_P(pr), pr = perceive(x)       dP = (da @ w1) * [plo < pr < phi]
+    p = clip_P(pr), pr = perceive(x)       dP = (da @ w1) * [plo < pr < phi] = ... [plo < p < phi]
     h = clip_H(r), r = relu(a)             da = (w2^T gy) * [hlo < r < hhi] * [a > 0]
 
 The update and state clips act after w2; their gradient masks need the full update y of a cell, so
@@ -126,11 +126,8 @@ def nca_step_bwd_kernel(
                 da = tl.where(a > 0, dh, 0.0)
                 dp = _dot(da, tl.trans(w1t), dp, DOT_PRECISION, DOT_DTYPE, UPCAST)
             if CLIP_P & CLIP:
-                # the unclipped perception again (9 cached loads) rather than a live mask tile
-                pr = _perceive_tile(
-                    x_base, k_ptr, n, H, W, C, NF, BLOCK_M, CPP, NFP, IDX64, ZERO_PAD
-                )
-                dp = tl.where(_inside(pr, plo, phi), dp, 0.0)
+                # plo < pr < phi  <=>  plo < clamp(pr) < phi: the mask from the clipped tile
+                dp = tl.where(_inside(p, plo, phi), dp, 0.0)
             tl.store(
                 dp_ptr + b * FC * HW + _idx(col[None, :], IDX64) * HW + n[:, None],
                 dp,
