@@ -7,9 +7,12 @@ itself (channels of the perception planes, blocks of fired cells of the MLP) int
 thread and running each part on its own core, single-threaded, scales every piece at once. torch
 ops release the GIL, so plain Python threads do it.
 
-``run_parts(fn, n)`` runs ``fn(0) .. fn(n-1)`` concurrently (this thread takes part 0) with torch's
-intra-op thread count set to 1 meanwhile and restored after (torch's setting is process-wide:
-concurrent torch work elsewhere in the process runs single-threaded for that moment). Results come
+An op runs inside ``with cores() as n:``: torch's intra-op thread count is 1 for the whole op (so
+no OpenMP team is started between its phases: its idle workers spin for milliseconds and would
+take the cores from the parts) and restored after; ``n`` is the count the caller had. torch's
+setting is process-wide, so concurrent torch work elsewhere in the process runs single-threaded
+for that moment; the first op to enter saves the count and the last to leave restores it.
+``run_parts(fn, k)`` runs ``fn(0) .. fn(k-1)`` at once (this thread takes part 0); results come
 back in part order, so reductions over parts are deterministic for a given thread count.
 """
 
@@ -17,23 +20,56 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 
 import torch
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _lock = threading.Lock()
-_busy = threading.local()
-_active = 0  # ops inside run_parts now (any thread)
+_local = threading.local()  # .threads: the caller's count inside cores(); .part: inside a part
+_active = 0  # threads inside cores() now
 _saved = 1  # torch's thread count before the first of them
+MIN_GRID = 4096  # cells below which per-channel passes stay on one thread
+
+
+@contextmanager
+def cores():
+    """Hold the cores for one op: yields the thread count the caller had (1 inside a part, or
+    when another thread's op holds them), with torch at 1 thread until the block ends."""
+    if getattr(_local, "threads", 0) or getattr(_local, "part", False):
+        yield 1 if getattr(_local, "part", False) else _local.threads
+        return
+    global _active, _saved
+    with _lock:
+        if _active == 0:
+            _saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _active += 1
+        n = 1 if _active > 1 else _saved  # another thread's op holds the cores: one part
+    _local.threads = max(1, n)
+    try:
+        yield _local.threads
+    finally:
+        _local.threads = 0
+        with _lock:
+            _active -= 1
+            if _active == 0:
+                torch.set_num_threads(_saved)
 
 
 def n_parts(work: int, min_work: int) -> int:
-    """How many parts to split ``work`` items into: one per torch thread, each >= ``min_work``
-    items, and 1 when called from inside another part (no nesting)."""
-    if getattr(_busy, "on", False) or _active:
-        return 1  # inside a part, or another thread's op holds the cores
-    return max(1, min(torch.get_num_threads(), work // max(1, min_work)))
+    """Parts to split ``work`` items into: one per thread of the enclosing ``cores()`` (1 outside
+    one), each of at least ``min_work`` items."""
+    if getattr(_local, "part", False):
+        return 1  # no nesting
+    threads = getattr(_local, "threads", 0) or 1
+    return max(1, min(threads, work // max(1, min_work)))
+
+
+def channel_parts(C: int, cells: int) -> list[tuple[int, int]]:
+    """Channel ranges of a per-channel pass over ``cells`` cells: one per thread on large grids."""
+    return split(C, n_parts(C, 1) if cells >= MIN_GRID else 1)
 
 
 def _executor(size: int) -> ThreadPoolExecutor:
@@ -49,12 +85,12 @@ def _executor(size: int) -> ThreadPoolExecutor:
 
 def _part(fn, i):
     # Worker threads do not inherit autograd's thread-local state: the parts only compute.
-    _busy.on = True
+    _local.part = True
     try:
         with torch.no_grad():
             return fn(i)
     finally:
-        _busy.on = False
+        _local.part = False
 
 
 def run_parts(fn, n: int) -> list:
@@ -62,43 +98,13 @@ def run_parts(fn, n: int) -> list:
     if n <= 1:
         return [_part(fn, 0)]
     pool = _executor(n - 1)
-    _enter()
-    try:
+    with cores():
         futures = [pool.submit(_part, fn, i) for i in range(1, n)]
         try:
             first = _part(fn, 0)
         finally:
-            wait(futures)  # every part has finished before the thread count is restored
+            wait(futures)  # every part has finished before the cores are given back
         return [first] + [f.result() for f in futures]
-    finally:
-        _exit()
-
-
-def _enter():
-    # torch's thread count is process-wide: the first op to enter saves it and sets 1, the last to
-    # leave restores it (two user threads running ops at once never leave it at 1).
-    global _active, _saved
-    with _lock:
-        if _active == 0:
-            _saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _active += 1
-
-
-def _exit():
-    global _active
-    with _lock:
-        _active -= 1
-        if _active == 0:
-            torch.set_num_threads(_saved)
-
-
-MIN_GRID = 4096  # cells below which per-channel passes stay on one thread
-
-
-def channel_parts(C: int, cells: int) -> list[tuple[int, int]]:
-    """Channel ranges of a per-channel pass over ``cells`` cells: one per thread on large grids."""
-    return split(C, n_parts(C, 1) if cells >= MIN_GRID else 1)
 
 
 def split(n: int, parts: int) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnca._checks import acc_dtype
-from fastnca.ops._cpu_parallel import channel_parts, n_parts, run_parts, split
+from fastnca.ops._cpu_parallel import channel_parts, cores, n_parts, run_parts, split
 from fastnca.ops._stencil_cpu import adjoint_into, filter_taps, fold_circular, planes_into
 from fastnca.reference import circular_pad1
 
@@ -95,7 +95,12 @@ def _segments(idx, B, HW):
     return segs
 
 
-def _cpu_forward(x, w1, b1, w2, b2, mask, filters):
+def _cpu_forward(*args):
+    with cores():  # the whole op on every core (ops._cpu_parallel)
+        return _forward(*args)
+
+
+def _forward(x, w1, b1, w2, b2, mask, filters):
     # The MLP on fired cells only, in column blocks of _chunk() cells, parts on every thread
     # (ops._cpu_parallel). -> (B, C, H, W) in x.dtype.
     B, C, H, W = x.shape
@@ -128,7 +133,12 @@ def _cpu_forward(x, w1, b1, w2, b2, mask, filters):
     return out.to(x.dtype)
 
 
-def _cpu_backward(grad, x, w1, b1, w2, mask, filters):
+def _cpu_backward(*args):
+    with cores():
+        return _backward(*args)
+
+
+def _backward(grad, x, w1, b1, w2, mask, filters):
     # -> (dx in grad's dtype, dw1, db1, dw2, db2 in the accumulation dtype), like nca_step_bwd.
     B, C, H, W = x.shape
     HW = H * W
@@ -175,13 +185,15 @@ def _cpu_backward(grad, x, w1, b1, w2, mask, filters):
         # dx = g + adjoint perception of dP, channels c0:c1 (padded, halo folded back).
         c0, c1 = cparts[i]
         a = acc[c0:c1]
-        a.zero_()
         a[..., 1 : H + 1, 1 : W + 1] = g.transpose(0, 1)[c0:c1]
+        halo = (a[..., 0, :], a[..., H + 1, :], a[..., 1 : H + 1, 0], a[..., 1 : H + 1, W + 1])
+        for edge in halo:
+            edge.zero_()
         adjoint_into(a, [d[c0:c1] for d in dp], taps)
-        fold_circular(a)
+        dx[:, c0:c1].copy_(fold_circular(a).transpose(0, 1))
 
+    dx = torch.empty((B, C, H, W), dtype=grad.dtype)
     run_parts(adjoint, len(cparts))
     dw1p, db1, dw2, db2 = grads
-    dx = acc[..., 1 : H + 1, 1 : W + 1].transpose(0, 1)
     dw1 = dw1p.view(-1, NF, C).transpose(1, 2).reshape(w1.shape)
-    return dx.to(grad.dtype).contiguous(), dw1, db1, dw2, db2
+    return dx, dw1, db1, dw2, db2

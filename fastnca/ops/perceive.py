@@ -22,7 +22,7 @@ except ImportError:
 from fastnca._checks import acc_dtype
 from fastnca.ops._backend import use_triton
 from fastnca.ops._checks import check_channels, check_filters, check_real_device, check_tensor
-from fastnca.ops._cpu_parallel import channel_parts, run_parts
+from fastnca.ops._cpu_parallel import channel_parts, cores, run_parts
 from fastnca.ops._stencil_cpu import adjoint_into, filter_taps, fold_circular, planes_into
 from fastnca.reference import DEFAULT_FILTERS, circular_pad1
 
@@ -70,6 +70,11 @@ def perceive_composite(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("fastnca::perceive_cpu", mutates_args=(), device_types="cpu")
 def _perceive_cpu_op(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    with cores():
+        return _perceive_cpu(x, filters)
+
+
+def _perceive_cpu(x, filters):
     B, C, H, W = x.shape
     dt, taps = acc_dtype(x.dtype), filter_taps(filters)
     out = torch.empty((B, C, len(taps), H, W), dtype=dt)  # channel c*F + f = out[:, c, f]
@@ -92,12 +97,18 @@ def _(x, filters):
 
 @torch.library.custom_op("fastnca::perceive_cpu_backward", mutates_args=(), device_types="cpu")
 def _perceive_cpu_backward_op(grad_out: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    with cores():
+        return _perceive_cpu_backward(grad_out, filters)
+
+
+def _perceive_cpu_backward(grad_out, filters):
     # dx = sum_f adjoint_f(grad[:, c*F + f]): taps scatter into a padded buffer, halo folded back.
     B, CF, H, W = grad_out.shape
     taps = filter_taps(filters)
     C, dt = CF // len(taps), acc_dtype(grad_out.dtype)
     g = grad_out.reshape(B, C, len(taps), H, W)
     acc = torch.empty((B, C, H + 2, W + 2), dtype=dt)
+    dx = torch.empty((B, C, H, W), dtype=grad_out.dtype)
     parts = channel_parts(C, B * H * W)
 
     def run(i):
@@ -105,10 +116,10 @@ def _perceive_cpu_backward_op(grad_out: torch.Tensor, filters: torch.Tensor) -> 
         a = acc[:, c0:c1]
         a.zero_()
         adjoint_into(a, [g[:, c0:c1, f].to(dt) for f in range(len(taps))], taps)
-        fold_circular(a)
+        dx[:, c0:c1].copy_(fold_circular(a))
 
     run_parts(run, len(parts))
-    return acc[..., 1 : H + 1, 1 : W + 1].to(grad_out.dtype).contiguous()
+    return dx
 
 
 @_perceive_cpu_backward_op.register_fake

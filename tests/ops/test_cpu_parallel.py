@@ -41,7 +41,30 @@ def test_run_parts_order_threads_and_restore(threads3):
     assert len({t for _, t, _, _ in seen}) == 3  # on three threads
     assert all(n == 1 and not grad for _, _, n, grad in seen)  # single-threaded, no autograd
     assert torch.get_num_threads() == 3
-    assert par.n_parts(100, 40) == 2 and par.n_parts(100, 1) == 3 and par.n_parts(5, 10) == 1
+    assert par.n_parts(100, 1) == 1  # outside cores(): one part
+    with par.cores() as n:
+        assert n == 3 and torch.get_num_threads() == 1  # the op holds the cores
+        assert par.n_parts(100, 40) == 2 and par.n_parts(100, 1) == 3 and par.n_parts(5, 10) == 1
+        with par.cores() as inner:
+            assert inner == 3  # re-entrant
+    assert torch.get_num_threads() == 3
+
+
+def test_cores_from_two_threads_restores_once(threads3):
+    # A second thread entering while this one holds the cores gets one part (no
+    # oversubscription) and does not restore the count when it leaves first; this thread does.
+    got = []
+
+    def other():
+        with par.cores() as n:
+            got.append((n, par.n_parts(100, 1)))
+
+    with par.cores() as n:
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(30)
+        assert torch.get_num_threads() == 1
+    assert n == 3 and got == [(1, 1)] and torch.get_num_threads() == 3
 
 
 def test_run_parts_error_restores_thread_count(threads3):
@@ -59,7 +82,8 @@ def test_run_parts_error_restores_thread_count(threads3):
 def test_split_covers_range():
     assert par.split(7, 3) == [(0, 2), (2, 4), (4, 7)]
     assert par.split(2, 3) == [(0, 0), (0, 1), (1, 2)]
-    assert par.channel_parts(12, 10) == [(0, 12)]  # a tiny grid stays in one part
+    with par.cores():
+        assert par.channel_parts(12, 10) == [(0, 12)]  # a tiny grid stays in one part
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
