@@ -197,7 +197,7 @@ def _dot_args(dtype: torch.dtype, device: torch.device, dot_precision: str | Non
     return dict(DOT_PRECISION=dot_precision, DOT_DTYPE="", UPCAST=False)
 
 
-def _config(C: int, NF: int, HID: int, backward: bool) -> tuple[int, int, int]:
+def _config(C: int, NF: int, HID: int, backward: bool, gpu=None) -> tuple[int, int, int]:
     """(BLOCK_M cells, HB hidden units per chunk, num_warps): the configuration rule.
 
     Registers per thread grow with BLOCK_M * (FCP + HB) / threads (perception tile, one hidden
@@ -205,12 +205,15 @@ def _config(C: int, NF: int, HID: int, backward: bool) -> tuple[int, int, int]:
     slice (the backward's weight-gradient role is the heavy one). Forward 32 cells x 32 hidden on
     4 warps, backward 32 cells x 16 hidden on 8 warps compile without spills for FCP <= 64
     (C*F <= 64) on sm_80 and sm_90 in float32/bf16/fp16 (table in docs/gpu_static.md, made by
-    ``python -m fastnca.bench.gpu_static``; sm_100 backward: a few bytes, see there); wider tiles
-    take 16 cells.
+    ``python -m fastnca.bench.gpu_static``); wider tiles take 16 cells. sm_100 (``gpu``, the
+    launch's GpuInfo) spills 16-36 B per thread in that backward; there it runs 16 cells on 4
+    warps (about 200 registers, no spill; 16 cells on 8 warps or one pipeline stage still spill).
     """
     t = _tile_args(C, NF)
     wide = t["CPP"] * t["NFP"] > 64
     if backward:
+        if not wide and gpu is not None and gpu.capability >= (10, 0):
+            return 16, min(16, _pad(HID)), 4
         return (16 if wide else 32), min(16, _pad(HID)), 8
     return (16 if wide else 32), min(32, _pad(HID)), 4
 
@@ -393,7 +396,7 @@ def nca_step_bwd(
     dx = torch.empty_like(g)
     opts, clip_t = _options(zero_pad, clip, acc, x.device)
     bits = opts.pop("CLIP", 0)
-    bm, hb, nw = _config(C, NF, HID, backward=True)
+    bm, hb, nw = _config(C, NF, HID, backward=True, gpu=gpu_info(x.device))
     bm, hb, nw = block_m or bm, hidden_block or hb, num_warps or nw
     tiles_per_img = triton.cdiv(H * W, bm)
     n_tiles = B * tiles_per_img

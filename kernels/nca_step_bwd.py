@@ -136,12 +136,13 @@ def nca_step_bwd_kernel(
     else:
         hid = (role - 1) * HB + tl.arange(0, HB)
         hm = hid < HID
-        w1t = tl.load(
-            w1_ptr + hid[None, :] * FC + col[:, None], mask=colm[:, None] & hm[None, :], other=0.0
-        )  # (FCP, HB)
-        w2c = tl.load(
-            w2_ptr + cc[:, None] * HID + hid[None, :], mask=cm[:, None] & hm[None, :], other=0.0
-        )  # (CP, HB)
+        # (offsets and masks first, then the loads: this order compiles spill-free on sm_100)
+        w1_offs = hid[None, :] * FC + col[:, None]
+        w1_mask = colm[:, None] & hm[None, :]
+        w2_offs = cc[:, None] * HID + hid[None, :]
+        w2_mask = cm[:, None] & hm[None, :]
+        w1t = tl.load(w1_ptr + w1_offs, mask=w1_mask, other=0.0)  # (FCP, HB)
+        w2c = tl.load(w2_ptr + w2_offs, mask=w2_mask, other=0.0)  # (CP, HB)
         b1 = tl.load(b1_ptr + hid, mask=hm, other=0.0)
         dw1 = tl.zeros((HB, CPP * NFP), dtype=acc_ty)
         dw2 = tl.zeros((CP, HB), dtype=acc_ty)

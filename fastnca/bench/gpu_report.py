@@ -54,7 +54,7 @@ with the resources ptxas reports and the roofline floor of the launch. Regenerat
 (compiled results are cached under `~/.cache/fastnca/gpu_static`, or `$FASTNCA_GPU_STATIC_CACHE`,
 keyed by Triton source hash, specialisation, options, target and triton version). CI runs
 `python -m fastnca.bench.gpu_static --check`, which exits 1 naming every default configuration that
-spills, exceeds the per-block shared memory or fails to compile on sm_80 or sm_90.
+spills, exceeds the per-block shared memory or fails to compile on sm_80, sm_90 or sm_100.
 
 How: the real launchers (`fastnca/kernels/*.py`) are called on meta tensors inside
 `fastnca.kernels._launch.recording(GpuInfo(capability, SMs))`; they launch nothing and record the
@@ -99,9 +99,10 @@ default keeps float32 accuracy (tf32x3 on sm_80+). With the perception clip the 
 runs unpipelined (num_stages=1, not shown in the config column): software-pipelined, the clamped
 perception tile took 190 KB of shared memory and spilled 44-76 B on every target.
 
-Open: on sm_100 (reported, not gated) the nca_step backward of the 12- and 16-channel cases still
-spills 16 B (float32) / 36 B (bf16, fp16) per thread; 16 cells, 2-stage or 1-stage pipelining did
-not remove it (12 to 1284 B).
+sm_100 backward: 16 cells on 4 warps (a row of its own where it differs from the sm_80/sm_90
+configuration): 32 cells on 8 warps spilled 16 B (float32) / 36 B (bf16, fp16) per thread there,
+and 16 cells on 8 warps or one pipeline stage 12 to 1284 B. The config, grid and warps columns are
+those of the first target with that configuration (the persistent grid follows each card's SMs).
 
 """
 

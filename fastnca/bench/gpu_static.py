@@ -237,7 +237,7 @@ def build(cases: list[Case], ccs: list[int], n_jobs: int) -> list[Row]:
             for i, launch in enumerate(record(case, ARCHS[cc])):
                 key, *job = _job(launch, cc)
                 jobs[key] = (key, *job)
-                rk = (case.label, i)
+                rk = (case.label, i, _config(launch), launch.kwargs.get("num_warps", 4))
                 if rk not in rows:
                     rows[rk] = Row(
                         case,
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "fails to compile on the gated targets (--gate)",
     )
     ap.add_argument("--arch", default="80,90,100", help="compute capabilities to compile for")
-    ap.add_argument("--gate", default="80,90", help="capabilities --check fails on")
+    ap.add_argument("--gate", default="80,90,100", help="capabilities --check fails on")
     ap.add_argument("--only", default="", help="only cases whose label contains this text")
     ap.add_argument("--no-defaults", action="store_true", help="only the --inject cases")
     ap.add_argument(

@@ -318,3 +318,22 @@ def test_dot_precision_on_the_cpu_path_is_checked_and_float32():
     for opts in ({}, CASES["growing"]):
         with pytest.raises(ValueError, match="dot_precision must be None or one of"):
             nca_step(*args, mask=a["mask"], filters=a["filters"], dot_precision="fp8", **opts)
+
+
+def test_backward_configuration_per_capability():
+    # sm_100 runs the backward on 16 cells x 4 warps (spill-free there, docs/gpu_static.md);
+    # sm_80/sm_90 keep 32 cells x 8 warps; the forward is the same everywhere.
+    from fastnca.bench import gpu_hw
+    from fastnca.bench import gpu_static as gs
+
+    for cc, bwd_cfg in ((80, (32, 8)), (90, (32, 8)), (100, (16, 4))):
+        fwd, bwd, _ = gs.record(gs.Case("nca_step", "16/128", "float32", {}), gpu_hw.ARCHS[cc])
+        assert (fwd.kwargs["BLOCK_M"], fwd.kwargs["num_warps"]) == (32, 4)
+        assert (bwd.kwargs["BLOCK_M"], bwd.kwargs["num_warps"]) == bwd_cfg
+    # the texture clips: forward, the gradient pass, backward (unpipelined: perception clip), dx
+    case = gs.Case("nca_step", "texture 12/96", "float32", {"options": "texture"})
+    launches = gs.record(case, gpu_hw.ARCHS[90])
+    names = [la.kernel.fn.__name__.removeprefix("nca_step_") for la in launches]
+    assert names == ["fwd_kernel", "fwd_kernel", "bwd_kernel", "bwd_dx_kernel"]
+    assert launches[1].kwargs["GRAD"] and launches[2].kwargs["CLIP"] == 3
+    assert launches[2].kwargs["num_stages"] == 1
