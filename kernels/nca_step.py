@@ -34,6 +34,12 @@ Arithmetic is in float32 (float64 for float64 input); half-precision inputs are 
 load and outputs cast at the store. float32 dots run as 3xTF32 on NVIDIA tensor cores (about fp32
 accurate; plain TF32 when torch.backends.cuda.matmul.allow_tf32 is set). Batch and plane offsets
 are 64-bit.
+
+Step options (fastnca.reference.nca_step_ref): zero padding (ZERO_PAD: out-of-grid neighbours
+read 0; the adjoint stencil drops the halo) and the clips of perception, hidden, update and state
+(CLIP bits, kernels/_nca_tile.py) are compiled in; the backward's clip gradients are in
+nca_step_bwd.py. Files: shared tile helpers in _nca_tile.py, backward kernels in nca_step_bwd.py,
+forward kernel and all launchers here.
 """
 
 from __future__ import annotations
