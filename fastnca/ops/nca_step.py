@@ -24,6 +24,7 @@ neighbour that fires), it is only not written into resting cells.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -41,6 +42,7 @@ from fastnca.ops._checks import (
     check_same_device,
     check_tensor,
 )
+from fastnca.ops._cpu_parallel import cores
 from fastnca.ops._nca_cpu import _acc, _cpu_backward, _cpu_forward
 from fastnca.ops.nca_step_options import (
     alive_mask,
@@ -371,7 +373,10 @@ def nca_step(
             f"dot_precision must be None or one of {DOT_PRECISIONS}, got {dot_precision!r}"
         )
     if mask is None:
-        mask = update_mask(x, fire_rate)
+        # On CPU drawn single-threaded (ops._cpu_parallel.cores): an OpenMP team started here
+        # would spin on the cores the step's parts are about to use. Same values either way.
+        with cores() if x.device.type == "cpu" else contextlib.nullcontext():
+            mask = update_mask(x, fire_rate)
     if (
         padding != "circular"
         or alive_threshold is not None
