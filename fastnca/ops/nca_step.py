@@ -375,7 +375,8 @@ def nca_step(
     if mask is None:
         # On CPU drawn single-threaded (ops._cpu_parallel.cores): an OpenMP team started here
         # would spin on the cores the step's parts are about to use. Same values either way.
-        with cores() if x.device.type == "cpu" else contextlib.nullcontext():
+        hold = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        with cores() if hold else contextlib.nullcontext():
             mask = update_mask(x, fire_rate)
     if (
         padding != "circular"

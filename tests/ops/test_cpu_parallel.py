@@ -10,7 +10,7 @@ from conftest import TOL
 
 import fastnca.ops._cpu_parallel as par
 import fastnca.ops._nca_cpu as ncpu
-from fastnca import DEFAULT_FILTERS, DISTILL_FILTERS
+from fastnca import DEFAULT_FILTERS, DISTILL_FILTERS, NCA
 from fastnca.ops import nca_step
 from fastnca.ops.perceive import perceive
 from fastnca.reference import nca_step_ref, perceive_ref
@@ -122,3 +122,18 @@ def test_perceive_parts_match_reference(threads3, nf):
     (wdx,) = torch.autograd.grad(want, x, g)
     torch.testing.assert_close(out, want, **TOL[torch.float64])
     torch.testing.assert_close(dx, wdx, **TOL[torch.float64])
+
+
+def test_step_without_mask_compiles_fullgraph():
+    # The CPU step draws its mask inside cores() eagerly; a traced step must not see that.
+    torch.manual_seed(0)
+    m = NCA.texture(zero_init=False)
+    x = torch.rand(1, 12, 8, 8, requires_grad=True)
+    torch.manual_seed(1)
+    want = m.step(x)
+    torch.manual_seed(1)
+    with torch._inductor.config.patch(fallback_random=True):  # eager's random numbers
+        got = torch.compile(m.step, fullgraph=True)(x)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
