@@ -18,6 +18,11 @@ import os
 import platform
 
 OPS = ("perceive", "nca_step", "gram", "style_loss")
+# The CPU custom ops (fastnca/ops/_nca_cpu.py, perceive.py) and what they do.
+CPU_OPS = {
+    "perceive": "CPU op fastnca::perceive_cpu: stencil passes, parts on every core",
+    "nca_step": "CPU op fastnca::nca_step_cpu: the MLP on fired cells only, parts on every core",
+}
 
 
 def add_parser(sub):
@@ -102,6 +107,10 @@ def collect(compile_missing: bool = False) -> dict:
             dec = _backend.decide(dev)
             path = "triton" if dec.triton else "torch"
             d["ops"] = {op: {"path": path, "why": dec.reason} for op in OPS}
+            if dev.type == "cpu" and not dec.triton:
+                n = torch.get_num_threads()
+                for op, what in CPU_OPS.items():
+                    d["ops"][op]["why"] = f"{what}, {n} thread{'s' * (n > 1)}"
             d["ops_note"] = "float64 gram/style_loss always take the torch composite"
         except (RuntimeError, ValueError) as e:
             d["ops"] = {op: {"path": "error", "why": str(e)} for op in OPS}
@@ -127,5 +136,5 @@ def run(args) -> int:
         if "static_report" in d:
             print(f"  static GPU report: {d['static_report']}")
     if not any(d["device"].startswith("cuda") for d in info["devices"]):
-        print("\nno CUDA device: every op runs its torch composite on CPU")
+        print("\nno CUDA device: every op runs its CPU path")
     return 0
