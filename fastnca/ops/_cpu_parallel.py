@@ -30,15 +30,21 @@ _lock = threading.Lock()
 _local = threading.local()  # .threads: the caller's count inside cores(); .part: inside a part
 _active = 0  # threads inside cores() now
 _saved = 1  # torch's thread count before the first of them
-MIN_GRID = 4096  # cells below which per-channel passes stay on one thread
+MIN_GRID = 16384  # grid cells below which an op runs whole on torch's own threads
 
 
 @contextmanager
-def cores():
-    """Hold the cores for one op: yields the thread count the caller had (1 inside a part, or
-    when another thread's op holds them), with torch at 1 thread until the block ends."""
+def cores(cells: int | None = None):
+    """Hold the cores for one op over ``cells`` grid cells: yields the thread count the caller
+    had, with torch at 1 thread until the block ends. Yields 1 and changes nothing for grids
+    under MIN_GRID cells (parts that small lose more to waking threads than they gain: their ops
+    keep torch's own threads), on one thread, inside a part, or when another thread's op holds
+    the cores."""
     if getattr(_local, "threads", 0) or getattr(_local, "part", False):
         yield 1 if getattr(_local, "part", False) else _local.threads
+        return
+    if (cells is not None and cells < MIN_GRID) or torch.get_num_threads() == 1:
+        yield 1
         return
     global _active, _saved
     with _lock:
@@ -67,9 +73,9 @@ def n_parts(work: int, min_work: int) -> int:
     return max(1, min(threads, work // max(1, min_work)))
 
 
-def channel_parts(C: int, cells: int) -> list[tuple[int, int]]:
-    """Channel ranges of a per-channel pass over ``cells`` cells: one per thread on large grids."""
-    return split(C, n_parts(C, 1) if cells >= MIN_GRID else 1)
+def channel_parts(C: int) -> list[tuple[int, int]]:
+    """Channel ranges of a per-channel pass: one per thread of the enclosing ``cores()``."""
+    return split(C, n_parts(C, 1))
 
 
 def _executor(size: int) -> ThreadPoolExecutor:

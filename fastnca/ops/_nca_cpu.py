@@ -78,7 +78,7 @@ def _setup(x, w1, b1, w2, mask, filters):
     return dt, _taps(filters), idx, torch.remainder(idx, H * W), vals, w1p, b1c, w2.to(dt), xt
 
 
-MIN_FIRED = 2048  # fired cells per MLP part at least
+MIN_FIRED = 4096  # fired cells per MLP part at least
 
 
 def _segments(idx, B, HW):
@@ -96,7 +96,7 @@ def _segments(idx, B, HW):
 
 
 def _cpu_forward(*args):
-    with cores():  # the whole op on every core (ops._cpu_parallel)
+    with cores(args[0][:, 0].numel()):  # the whole op on every core (ops._cpu_parallel)
         return _forward(*args)
 
 
@@ -109,7 +109,7 @@ def _forward(x, w1, b1, w2, b2, mask, filters):
     b2c = None if b2 is None else b2.to(dt)[:, None]
     p = torch.empty((len(taps), C, B, H, W), dtype=dt)
     out = torch.empty((B, C, H, W), dtype=dt)  # x, then fired cells get their update
-    cparts = channel_parts(C, B * HW)
+    cparts = channel_parts(C)
 
     def planes(i):
         c0, c1 = cparts[i]
@@ -134,7 +134,7 @@ def _forward(x, w1, b1, w2, b2, mask, filters):
 
 
 def _cpu_backward(*args):
-    with cores():
+    with cores(args[1][:, 0].numel()):
         return _backward(*args)
 
 
@@ -149,7 +149,7 @@ def _backward(grad, x, w1, b1, w2, mask, filters):
     p = torch.empty((NF, C, B, H, W), dtype=dt)
     dp = torch.empty((NF, C, B, H, W), dtype=dt)
     acc = torch.empty((C, B, H + 2, W + 2), dtype=dt)
-    cparts = channel_parts(C, B * HW)
+    cparts = channel_parts(C)
 
     def planes(i):
         c0, c1 = cparts[i]

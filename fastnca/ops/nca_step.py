@@ -376,7 +376,7 @@ def nca_step(
         # On CPU drawn single-threaded (ops._cpu_parallel.cores): an OpenMP team started here
         # would spin on the cores the step's parts are about to use. Same values either way.
         hold = x.device.type == "cpu" and not torch.compiler.is_compiling()
-        with cores() if hold else contextlib.nullcontext():
+        with cores(x[:, 0].numel()) if hold else contextlib.nullcontext():
             mask = update_mask(x, fire_rate)
     if (
         padding != "circular"

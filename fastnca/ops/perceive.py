@@ -70,7 +70,7 @@ def perceive_composite(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("fastnca::perceive_cpu", mutates_args=(), device_types="cpu")
 def _perceive_cpu_op(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
-    with cores():
+    with cores(x[:, 0].numel()):
         return _perceive_cpu(x, filters)
 
 
@@ -78,7 +78,7 @@ def _perceive_cpu(x, filters):
     B, C, H, W = x.shape
     dt, taps = acc_dtype(x.dtype), filter_taps(filters)
     out = torch.empty((B, C, len(taps), H, W), dtype=dt)  # channel c*F + f = out[:, c, f]
-    parts = channel_parts(C, B * H * W)
+    parts = channel_parts(C)
 
     def run(i):
         c0, c1 = parts[i]
@@ -97,7 +97,7 @@ def _(x, filters):
 
 @torch.library.custom_op("fastnca::perceive_cpu_backward", mutates_args=(), device_types="cpu")
 def _perceive_cpu_backward_op(grad_out: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
-    with cores():
+    with cores(grad_out[:, 0].numel()):
         return _perceive_cpu_backward(grad_out, filters)
 
 
@@ -109,7 +109,7 @@ def _perceive_cpu_backward(grad_out, filters):
     g = grad_out.reshape(B, C, len(taps), H, W)
     acc = torch.empty((B, C, H + 2, W + 2), dtype=dt)
     dx = torch.empty((B, C, H, W), dtype=grad_out.dtype)
-    parts = channel_parts(C, B * H * W)
+    parts = channel_parts(C)
 
     def run(i):
         c0, c1 = parts[i]

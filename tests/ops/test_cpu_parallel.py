@@ -82,8 +82,17 @@ def test_run_parts_error_restores_thread_count(threads3):
 def test_split_covers_range():
     assert par.split(7, 3) == [(0, 2), (2, 4), (4, 7)]
     assert par.split(2, 3) == [(0, 0), (0, 1), (1, 2)]
-    with par.cores():
-        assert par.channel_parts(12, 10) == [(0, 12)]  # a tiny grid stays in one part
+    assert par.channel_parts(12) == [(0, 12)]  # outside cores(): one part
+
+
+def test_small_grids_keep_torch_threads(threads3, monkeypatch):
+    monkeypatch.setattr(par, "MIN_GRID", 100)
+    with par.cores(99) as n:  # too small to split: nothing held, torch keeps its threads
+        assert n == 1 and torch.get_num_threads() == 3 and par.channel_parts(12) == [(0, 12)]
+    with par.cores(100) as n:
+        assert n == 3 and torch.get_num_threads() == 1
+        assert par.channel_parts(12) == [(0, 4), (4, 8), (8, 12)]
+    assert torch.get_num_threads() == 3
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
