@@ -4,7 +4,7 @@ CUDA tensors run the Triton kernels of ``fastnca.kernels.perceive`` through the 
 ``torch.ops.fastnca.perceive`` (forward) / ``fastnca::perceive_backward`` (its adjoint), which
 ``torch.compile`` traces as user-defined Triton kernels. CPU tensors run ``fastnca::perceive_cpu``
 / ``fastnca::perceive_cpu_backward``: each filter as streaming passes over shifted views of a
-padded copy, on every core. Other devices run a depthwise-convolution composite (one grouped
+padded copy. Other devices run a depthwise-convolution composite (one grouped
 conv2d on a circularly padded copy).
 """
 
@@ -22,7 +22,6 @@ except ImportError:
 from fastnca._checks import acc_dtype
 from fastnca.ops._backend import use_triton
 from fastnca.ops._checks import check_channels, check_filters, check_real_device, check_tensor
-from fastnca.ops._cpu_parallel import channel_parts, cores, run_parts
 from fastnca.ops._stencil_cpu import adjoint_into, filter_taps, fold_circular, planes_into
 from fastnca.reference import DEFAULT_FILTERS, circular_pad1
 
@@ -64,28 +63,18 @@ def perceive_composite(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- CPU
 # Filters as streaming passes over shifted views (ops._stencil_cpu: about 3x faster than the
-# depthwise conv on one core), channel blocks on every thread (ops._cpu_parallel). Custom ops, so
-# that torch.compile keeps them whole instead of re-deriving a slower graph.
+# depthwise conv on one core). Each pass is one elementwise op over the whole batch, which torch
+# spreads over its own threads (parts on Python threads, as the step uses, measured slower here
+# right after another torch op: see docs/benchmarks.md). Custom ops, so that torch.compile keeps
+# them whole instead of re-deriving a slower graph.
 
 
 @torch.library.custom_op("fastnca::perceive_cpu", mutates_args=(), device_types="cpu")
 def _perceive_cpu_op(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
-    with cores(x[:, 0].numel()):
-        return _perceive_cpu(x, filters)
-
-
-def _perceive_cpu(x, filters):
     B, C, H, W = x.shape
     dt, taps = acc_dtype(x.dtype), filter_taps(filters)
     out = torch.empty((B, C, len(taps), H, W), dtype=dt)  # channel c*F + f = out[:, c, f]
-    parts = channel_parts(C)
-
-    def run(i):
-        c0, c1 = parts[i]
-        xp = circular_pad1(x[:, c0:c1].to(dt))  # (B, c1-c0, H+2, W+2)
-        planes_into(xp, taps, [out[:, c0:c1, f] for f in range(len(taps))])
-
-    run_parts(run, len(parts))
+    planes_into(circular_pad1(x.to(dt)), taps, [out[:, :, f] for f in range(len(taps))])
     return out.view(B, -1, H, W).to(x.dtype)
 
 
@@ -97,29 +86,14 @@ def _(x, filters):
 
 @torch.library.custom_op("fastnca::perceive_cpu_backward", mutates_args=(), device_types="cpu")
 def _perceive_cpu_backward_op(grad_out: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
-    with cores(grad_out[:, 0].numel()):
-        return _perceive_cpu_backward(grad_out, filters)
-
-
-def _perceive_cpu_backward(grad_out, filters):
     # dx = sum_f adjoint_f(grad[:, c*F + f]): taps scatter into a padded buffer, halo folded back.
     B, CF, H, W = grad_out.shape
     taps = filter_taps(filters)
     C, dt = CF // len(taps), acc_dtype(grad_out.dtype)
-    g = grad_out.reshape(B, C, len(taps), H, W)
-    acc = torch.empty((B, C, H + 2, W + 2), dtype=dt)
-    dx = torch.empty((B, C, H, W), dtype=grad_out.dtype)
-    parts = channel_parts(C)
-
-    def run(i):
-        c0, c1 = parts[i]
-        a = acc[:, c0:c1]
-        a.zero_()
-        adjoint_into(a, [g[:, c0:c1, f].to(dt) for f in range(len(taps))], taps)
-        dx[:, c0:c1].copy_(fold_circular(a))
-
-    run_parts(run, len(parts))
-    return dx
+    g = grad_out.reshape(B, C, len(taps), H, W).to(dt)
+    acc = torch.zeros((B, C, H + 2, W + 2), dtype=dt)
+    adjoint_into(acc, [g[:, :, f] for f in range(len(taps))], taps)
+    return fold_circular(acc).to(grad_out.dtype).contiguous()
 
 
 @_perceive_cpu_backward_op.register_fake
