@@ -20,7 +20,7 @@ import platform
 OPS = ("perceive", "nca_step", "gram", "style_loss")
 # The CPU custom ops (fastnca/ops/_nca_cpu.py, perceive.py) and what they do.
 CPU_OPS = {
-    "perceive": "CPU op fastnca::perceive_cpu: stencil passes, parts on every core",
+    "perceive": "CPU op fastnca::perceive_cpu: streaming stencil passes",
     "nca_step": "CPU op fastnca::nca_step_cpu: the MLP on fired cells only, parts on every core",
 }
 

@@ -39,7 +39,7 @@ AMP_MODES = ("none", "bf16")
 
 # Presets. "lesson": the fast.ai lesson's NCA notebook; "texture": Self-Organising Textures
 # (Distill 2021: 12 channels, 96 hidden, filters /8, lr 1e-3 x0.3 at 2000, reseed every 8);
-# "quick": chosen by measurement on a shared 2-core CPU: 64x64 grids, 8 channels, 32 hidden,
+# "quick": chosen by measurement on a 2-core CPU: 64x64 grids, 8 channels, 32 hidden,
 # 16-32 steps, 800 iterations, one thread (`fastnca train --iters 60 --threads 1|2`: 0.36 s per
 # iteration on one thread, 0.38-0.47 s on two: these small tensors gain nothing from a second
 # core), the colourful 'stripes' texture, per-layer relative style loss (the same
