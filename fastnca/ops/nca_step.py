@@ -24,7 +24,6 @@ neighbour that fires), it is only not written into resting cells.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 
 import torch
@@ -315,6 +314,27 @@ def update_mask(x: torch.Tensor, fire_rate: float = 0.5) -> torch.Tensor:
     return (torch.rand((B, 1, H, W), device=x.device) + fire_rate) >= 1.0
 
 
+@torch.library.custom_op(
+    "fastnca::update_mask_cpu",
+    mutates_args=(),
+    device_types="cpu",
+    tags=(torch.Tag.nondeterministic_seeded,),
+)
+def _update_mask_cpu(x: torch.Tensor, fire_rate: float) -> torch.Tensor:
+    # update_mask drawn single-threaded inside the step's hold on the cores (ops._cpu_parallel):
+    # an OpenMP team started here would still spin on the cores the step's parts are about to
+    # use. A custom op so that torch.compile calls it too (same generator, same masks as eager)
+    # instead of drawing with inductor's own random numbers on every thread.
+    with cores(x[:, 0].numel()):
+        return update_mask(x, fire_rate)
+
+
+@_update_mask_cpu.register_fake
+def _(x, fire_rate):
+    B, _, H, W = x.shape
+    return x.new_empty((B, 1, H, W), dtype=torch.bool)
+
+
 def nca_step(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -373,11 +393,8 @@ def nca_step(
             f"dot_precision must be None or one of {DOT_PRECISIONS}, got {dot_precision!r}"
         )
     if mask is None:
-        # On CPU drawn single-threaded (ops._cpu_parallel.cores): an OpenMP team started here
-        # would spin on the cores the step's parts are about to use. Same values either way.
-        hold = x.device.type == "cpu" and not torch.compiler.is_compiling()
-        with cores(x[:, 0].numel()) if hold else contextlib.nullcontext():
-            mask = update_mask(x, fire_rate)
+        cpu = x.device.type == "cpu"
+        mask = _update_mask_cpu(x.detach(), fire_rate) if cpu else update_mask(x, fire_rate)
     if (
         padding != "circular"
         or alive_threshold is not None
