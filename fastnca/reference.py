@@ -182,6 +182,16 @@ def clamp_opt(t: torch.Tensor, clip: dict | None, key: str) -> torch.Tensor:
     return t.clamp(lo, hi)
 
 
+def update_mask(x: torch.Tensor, fire_rate: float = 0.5) -> torch.Tensor:
+    """Bernoulli(fire_rate) per cell as a bool (B, 1, H, W) mask, from torch's generator.
+
+    Drawn exactly like the lesson's ``(torch.rand(B, 1, H, W) + fire_rate).floor()`` (same values
+    for the same seed on CPU), stored as bool: 1 byte per cell.
+    """
+    B, _, H, W = x.shape
+    return (torch.rand((B, 1, H, W), device=x.device) + fire_rate) >= 1.0
+
+
 def nca_step_ref(
     x,
     w1,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fastnca._checks import acc_dtype
 from fastnca.ops._cpu_parallel import channel_parts, cores, n_parts, run_parts, split
 from fastnca.ops._stencil_cpu import adjoint_into, filter_taps, fold_circular, planes_into
-from fastnca.reference import circular_pad1
+from fastnca.reference import circular_pad1, update_mask
 
 
 def _chunk() -> int:
@@ -197,3 +197,24 @@ def _backward(grad, x, w1, b1, w2, mask, filters):
     dw1p, db1, dw2, db2 = grads
     dw1 = dw1p.view(-1, NF, C).transpose(1, 2).reshape(w1.shape)
     return dx, dw1, db1, dw2, db2
+
+
+@torch.library.custom_op(
+    "fastnca::update_mask_cpu",
+    mutates_args=(),
+    device_types="cpu",
+    tags=(torch.Tag.nondeterministic_seeded,),
+)
+def _update_mask_cpu(x: torch.Tensor, fire_rate: float) -> torch.Tensor:
+    # update_mask drawn single-threaded inside the step's hold on the cores (ops._cpu_parallel):
+    # an OpenMP team started here would still spin on the cores the step's parts are about to
+    # use. A custom op so that torch.compile calls it too (same generator, same masks as eager)
+    # instead of drawing with inductor's own random numbers on every thread.
+    with cores(x[:, 0].numel()):
+        return update_mask(x, fire_rate)
+
+
+@_update_mask_cpu.register_fake
+def _(x, fire_rate):
+    B, _, H, W = x.shape
+    return x.new_empty((B, 1, H, W), dtype=torch.bool)

@@ -41,8 +41,7 @@ from fastnca.ops._checks import (
     check_same_device,
     check_tensor,
 )
-from fastnca.ops._cpu_parallel import cores
-from fastnca.ops._nca_cpu import _acc, _cpu_backward, _cpu_forward
+from fastnca.ops._nca_cpu import _acc, _cpu_backward, _cpu_forward, _update_mask_cpu
 from fastnca.ops.nca_step_options import (
     alive_mask,
     check_options,
@@ -50,7 +49,7 @@ from fastnca.ops.nca_step_options import (
     options_backward,
     options_setup_context,
 )
-from fastnca.reference import DEFAULT_FILTERS, perceive_shifts, rotate_filters
+from fastnca.reference import DEFAULT_FILTERS, perceive_shifts, rotate_filters, update_mask
 
 # ---------------------------------------------------------------------------------------- CUDA
 
@@ -302,37 +301,6 @@ def _check(x, w1, b1, w2, b2, mask, fire_rate, filters):
     ):
         raise ValueError(f"fire_rate must be a number in [0, 1], got {fire_rate!r}")
     return w1, w2
-
-
-def update_mask(x: torch.Tensor, fire_rate: float = 0.5) -> torch.Tensor:
-    """Bernoulli(fire_rate) per cell as a bool (B, 1, H, W) mask, from torch's generator.
-
-    Drawn exactly like the lesson's ``(torch.rand(B, 1, H, W) + fire_rate).floor()`` (same values
-    for the same seed on CPU), stored as bool: 1 byte per cell.
-    """
-    B, _, H, W = x.shape
-    return (torch.rand((B, 1, H, W), device=x.device) + fire_rate) >= 1.0
-
-
-@torch.library.custom_op(
-    "fastnca::update_mask_cpu",
-    mutates_args=(),
-    device_types="cpu",
-    tags=(torch.Tag.nondeterministic_seeded,),
-)
-def _update_mask_cpu(x: torch.Tensor, fire_rate: float) -> torch.Tensor:
-    # update_mask drawn single-threaded inside the step's hold on the cores (ops._cpu_parallel):
-    # an OpenMP team started here would still spin on the cores the step's parts are about to
-    # use. A custom op so that torch.compile calls it too (same generator, same masks as eager)
-    # instead of drawing with inductor's own random numbers on every thread.
-    with cores(x[:, 0].numel()):
-        return update_mask(x, fire_rate)
-
-
-@_update_mask_cpu.register_fake
-def _(x, fire_rate):
-    B, _, H, W = x.shape
-    return x.new_empty((B, 1, H, W), dtype=torch.bool)
 
 
 def nca_step(
