@@ -1,5 +1,6 @@
-"""The texture preset's 64-step rollout on CPU: the lesson's module (eager and torch.compile) against
-fastnca's NCA (eager and torch.compile), forward+backward and forward only, at each thread count.
+"""The texture preset's 64-step rollout on CPU: the lesson's module (eager and torch.compile)
+against fastnca's NCA (eager and torch.compile), forward+backward and forward only, at each
+thread count.
 
     python benchmarks/rollout_cpu.py                 # 1 thread and all cores, 3 rounds each
     python benchmarks/rollout_cpu.py --threads 2 --rounds 5 --steps 16
@@ -78,7 +79,8 @@ def main() -> None:
                     x = step(x)
 
     print(
-        f"# {platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}; "
+        f"# {platform.processor() or platform.machine()}, {cores} cores, "
+        f"torch {torch.__version__}; "
         f"{args.steps}-step rollout, texture preset (C={C}, HID={HID}, F={F}), "
         f"batch {args.batch}, {args.size}x{args.size}, float32, {args.rounds} interleaved rounds"
     )
@@ -93,7 +95,7 @@ def main() -> None:
                 run(step, backward)
             for _ in range(args.rounds):
                 for k, step in variants.items():
-                    times[k].append(_timed(lambda step=step: run(step, backward)))
+                    times[k].append(_timed(lambda s=step, b=backward: run(s, b)))
             base = min(times["lesson eager"])
             flop = flop_fwd * (3 if backward else 1)
             for k, ts in times.items():
