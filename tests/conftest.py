@@ -89,3 +89,46 @@ def tiny_train_args(max_steps=3, gif_frames=1, progress=False) -> list[str]:
     args += ["--min-steps", "2", "--max-steps", str(max_steps), "--weights", "random"]
     args += ["--gif-frames", str(gif_frames)]
     return args if progress else args + ["--no-progress"]
+
+
+class NanTorch:
+    """torch, except that empty/empty_like give NaN-filled float buffers (outputs, per-program
+    partial weight gradients, scratch): a cell or partial no program writes fails. Patched in as a
+    kernel module's ``torch``."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty(self, *a, **k):
+        return self._nan(torch.empty(*a, **k))
+
+    def empty_like(self, *a, **k):
+        return self._nan(torch.empty_like(*a, **k))
+
+
+# The published texture models' clip ranges, and step-option sets shared by the options tests.
+TEXTURE_CLIP = {
+    "perception": (-2.0, 2.0),
+    "hidden": (0.0, 2.0),
+    "update": (-2.0, 2.0),
+    "state": (-2.0, 2.0),
+}
+STEP_OPTION_SETS = {
+    "growing": dict(padding="zeros", alive_threshold=0.1, perception_angle=0.4),
+    "texture": dict(clip=TEXTURE_CLIP),
+    "all": dict(
+        padding="zeros",
+        alive_threshold=0.1,
+        clip={
+            "perception": (-1.0, 1.0),
+            "hidden": (0.0, 1.5),
+            "update": (-0.3, 0.3),
+            "state": (-1.0, 2.0),
+        },
+        perception_angle=-1.1,
+    ),
+}

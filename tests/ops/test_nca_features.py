@@ -7,17 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL
+from conftest import STEP_OPTION_SETS, TEXTURE_CLIP, TOL
 
 from fastnca import DISTILL_FILTERS
 from fastnca.reference import alive_mask_ref, nca_step_ref, perceive_ref, rotate_filters
-
-TEXTURE_CLIP = {
-    "perception": (-2.0, 2.0),
-    "hidden": (0.0, 2.0),
-    "update": (-2.0, 2.0),
-    "state": (-2.0, 2.0),
-}
 
 
 def make(B=2, C=5, H=6, W=7, hidden=9, nf=3, dtype=torch.float64, seed=0, alpha=True):
@@ -155,19 +148,7 @@ def test_any_filter_bank(nf):
 
 
 OPTION_SETS = {
-    "growing": dict(padding="zeros", alive_threshold=0.1, perception_angle=0.4),
-    "texture": dict(clip=TEXTURE_CLIP),
-    "all": dict(
-        padding="zeros",
-        alive_threshold=0.1,
-        clip={
-            "perception": (-1.0, 1.0),
-            "hidden": (0.0, 1.5),
-            "update": (-0.3, 0.3),
-            "state": (-1.0, 2.0),
-        },
-        perception_angle=-1.1,
-    ),
+    **STEP_OPTION_SETS,
     "circular-alive": dict(alive_threshold=0.1, alive_channel=3, clip={"update": (-0.5, 0.5)}),
 }
 

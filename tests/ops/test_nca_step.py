@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TOL, assert_rounded
+from conftest import TOL, NanTorch, assert_rounded
 from torch.library import opcheck
 
 import fastnca.kernels.nca_step as knca
@@ -55,27 +55,9 @@ def check_grads(got, want, tol):
             torch.testing.assert_close(gt.double(), wt, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-class _NanTorch:
-    """torch, except that empty/empty_like give NaN-filled float buffers (outputs, per-program
-    partial weight gradients, the dp scratch): a cell or partial no program writes fails."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def _nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def empty(self, *a, **k):
-        return self._nan(torch.empty(*a, **k))
-
-    def empty_like(self, *a, **k):
-        return self._nan(torch.empty_like(*a, **k))
-
-
 @pytest.fixture
 def nan_buffers(monkeypatch):
-    monkeypatch.setattr(knca, "torch", _NanTorch())
+    monkeypatch.setattr(knca, "torch", NanTorch())
 
 
 def abs_args(a):

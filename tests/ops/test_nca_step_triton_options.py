@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TOL
+from conftest import STEP_OPTION_SETS, TOL, NanTorch
 
 import fastnca.kernels.nca_step as knca
 from fastnca import DISTILL_FILTERS
@@ -18,12 +18,6 @@ from fastnca.nca.model import saved_tensor_bytes
 from fastnca.ops import _backend, nca_step
 from fastnca.reference import alive_mask_ref, nca_step_ref
 
-TEXTURE_CLIP = {
-    "perception": (-2.0, 2.0),
-    "hidden": (0.0, 2.0),
-    "update": (-2.0, 2.0),
-    "state": (-2.0, 2.0),
-}
 CASES = {
     "zeros": dict(padding="zeros"),
     "clip-perception": dict(clip={"perception": (-0.8, 0.8)}),
@@ -32,19 +26,7 @@ CASES = {
     "clip-state": dict(clip={"state": (-1.0, 1.0)}),
     "angle": dict(perception_angle=2.5),
     "alive": dict(alive_threshold=0.1),
-    "growing": dict(padding="zeros", alive_threshold=0.1, perception_angle=0.4),
-    "texture": dict(clip=TEXTURE_CLIP),
-    "all": dict(
-        padding="zeros",
-        alive_threshold=0.1,
-        clip={
-            "perception": (-1.0, 1.0),
-            "hidden": (0.0, 1.5),
-            "update": (-0.3, 0.3),
-            "state": (-1.0, 2.0),
-        },
-        perception_angle=-1.1,
-    ),
+    **STEP_OPTION_SETS,
     "circular-alive-update": dict(alive_threshold=0.1, clip={"update": (-0.5, 0.5)}),
 }
 NAMES = ("x", "w1", "b1", "w2", "b2")
@@ -71,23 +53,6 @@ def make(B=2, C=5, H=5, W=7, hidden=9, nf=3, dtype=torch.float64, seed=0):
     )
 
 
-class _NanTorch:
-    """torch whose empty/empty_like fill float buffers with NaN: an unwritten cell fails."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def _nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def empty(self, *a, **k):
-        return self._nan(torch.empty(*a, **k))
-
-    def empty_like(self, *a, **k):
-        return self._nan(torch.empty_like(*a, **k))
-
-
 @pytest.fixture
 def launches(monkeypatch):
     """The Triton path on CPU (interpreter), NaN-filled kernel buffers; -> kernel names launched."""
@@ -97,7 +62,7 @@ def launches(monkeypatch):
     monkeypatch.setattr(
         knca, "launch", lambda k, *a, **kw: (calls.append(k.fn.__name__), real(k, *a, **kw))[1]
     )
-    monkeypatch.setattr(knca, "torch", _NanTorch())
+    monkeypatch.setattr(knca, "torch", NanTorch())
     yield calls
     _backend.set_backend(None)
     _backend.reset()
