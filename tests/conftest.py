@@ -11,6 +11,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastnca.nca.distill import TEXTURE_CLIP  # noqa: E402
+
 # One intra-op thread: the tests' tensors are small, and on a busy 2-core machine two threads made
 # them up to 20x slower (each test file used to pin this itself).
 torch.set_num_threads(1)
@@ -82,12 +84,17 @@ def nan_like(shape, dtype, device="cpu"):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+# A texture-NCA run that takes a second: a 16x16 grid, 4 channels, 8 hidden, a pool of 4,
+# batches of 2, 2-3 steps, random VGG weights (no download). TrainConfig fields.
+TINY_RUN = dict(
+    size=16, channels=4, hidden=8, pool=4, batch=2, min_steps=2, max_steps=3, weights="random"
+)
+
+
 def tiny_train_args(max_steps=3, gif_frames=1, progress=False) -> list[str]:
-    """`fastnca train` options of a run that takes a second: a 16x16 grid, 4 channels, 8 hidden,
-    a pool of 4, batches of 2, 2..max_steps steps, random VGG weights (no download)."""
-    args = ["--size", "16", "--channels", "4", "--hidden", "8", "--pool", "4", "--batch", "2"]
-    args += ["--min-steps", "2", "--max-steps", str(max_steps), "--weights", "random"]
-    args += ["--gif-frames", str(gif_frames)]
+    """TINY_RUN as `fastnca train` options (with ``max_steps``), and ``gif_frames`` GIF frames."""
+    run = {**TINY_RUN, "max_steps": max_steps, "gif_frames": gif_frames}
+    args = [a for k, v in run.items() for a in ("--" + k.replace("_", "-"), str(v))]
     return args if progress else args + ["--no-progress"]
 
 
@@ -110,13 +117,7 @@ class NanTorch:
         return self._nan(torch.empty_like(*a, **k))
 
 
-# The published texture models' clip ranges, and step-option sets shared by the options tests.
-TEXTURE_CLIP = {
-    "perception": (-2.0, 2.0),
-    "hidden": (0.0, 2.0),
-    "update": (-2.0, 2.0),
-    "state": (-2.0, 2.0),
-}
+# Step-option sets shared by the options tests (TEXTURE_CLIP: the published texture models').
 STEP_OPTION_SETS = {
     "growing": dict(padding="zeros", alive_threshold=0.1, perception_angle=0.4),
     "texture": dict(clip=TEXTURE_CLIP),

@@ -20,11 +20,6 @@ def _chunk() -> int:
     return 8192 * max(1, torch.get_num_threads())
 
 
-def _taps(filters):
-    # Non-zero taps (a, e, value) of each filter, read on the host (the CPU path's bank is on CPU).
-    return filter_taps(filters)
-
-
 def _perceive_planes(x, taps, zero_pad=False):
     # x: (B, C, H, W) -> P: (F, C, B, H, W), P[f, c, b] = filter f on channel c of image b: the
     # layout in which the fired cells of all images are columns of one (F*C, B*H*W) matrix.
@@ -75,7 +70,7 @@ def _setup(x, w1, b1, w2, mask, filters):
     w1p = w1.to(dt).view(-1, C, filters.shape[0]).transpose(1, 2).reshape(-1, w1.shape[1])
     b1c = None if b1 is None else b1.to(dt)[:, None]
     xt = x.to(dt).transpose(0, 1)
-    return dt, _taps(filters), idx, torch.remainder(idx, H * W), vals, w1p, b1c, w2.to(dt), xt
+    return dt, filter_taps(filters), idx, torch.remainder(idx, H * W), vals, w1p, b1c, w2.to(dt), xt
 
 
 MIN_FIRED = 4096  # fired cells per MLP part at least

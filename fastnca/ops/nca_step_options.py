@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from fastnca.ops._nca_cpu import _acc, _adjoint_planes, _chunk, _fired, _perceive_planes, _taps
+from fastnca.ops._nca_cpu import _acc, _adjoint_planes, _chunk, _fired, _perceive_planes
+from fastnca.ops._stencil_cpu import filter_taps
 from fastnca.reference import CLIP_KEYS, circular_pad1, perceive_shifts, rotate_filters
 
 _INF = math.inf
@@ -129,7 +130,7 @@ def _forward(x, w1, b1, w2, b2, mask, filters, zero_pad, thr, ch, clip):
     B, C, H, W = x.shape
     NF, N = filters.shape[0], B * H * W
     (plo, phi, hlo, hhi, ulo, uhi, slo, shi) = clip
-    taps = _taps(filters)
+    taps = filter_taps(filters)
     xd = x.to(dt)
     if thr is not None:
         # A cell with no living cell in its 3x3 neighbourhood (pre) has no neighbour that can
@@ -174,7 +175,7 @@ def _backward(grad, x, w1, b1, w2, b2, mask, alive, filters, zero_pad, clip):
     (plo, phi, hlo, hhi, ulo, uhi, slo, shi) = clip
     clip_p, clip_h = (plo, phi) != (-_INF, _INF), (hlo, hhi) != (-_INF, _INF)
     clip_u, clip_s = (ulo, uhi) != (-_INF, _INF), (slo, shi) != (-_INF, _INF)
-    taps = _taps(filters)
+    taps = filter_taps(filters)
     if alive.numel():  # cells the alive mask zeroes get no gradient: skip their MLP
         mask = mask & alive if mask.dtype == torch.bool else mask * alive
     idx, vals = _fired(mask, dt)

@@ -22,7 +22,7 @@ import torch
 
 from fastnca import DISTILL_FILTERS, NCA
 from fastnca.nca import export
-from fastnca.nca.distill import load_distill
+from fastnca.nca.distill import GROWING, load_distill
 from fastnca.nca.export import (
     export_html,
     find_chromium,
@@ -32,7 +32,6 @@ from fastnca.nca.export import (
     run_headless,
     seed_state,
 )
-from fastnca.reference import nca_step_ref
 
 PARITY_ATOL = 1e-4
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -62,56 +61,21 @@ def randomize(model, s1=0.1, s2=0.01):
     return model
 
 
-def with_options(make, kwargs, opts, **scales):
-    """``make(**kwargs, **opts)`` with random weights; for an NCA without these step options the
-    options become plain attributes (the exporter reads them the same way) and the reference
-    step with them is the oracle."""
-    try:
-        m = make(**kwargs, **opts)
-    except TypeError:
-        m = make(**kwargs)
-        for k, v in opts.items():
-            setattr(m, k, v)
-        m._export_test_opts = opts
-    return randomize(m, **scales)
-
-
 def growing_model(**extra):
-    """16 channels, 128 hidden, 3 rotated filters, zero padding, alive masking: the growing NCA's
-    architecture, with weights that keep most cells alive for 64 steps."""
-    opts = dict(padding="zeros", alive_threshold=0.1, alive_channel=3, perception_angle=0.4)
-    m = with_options(
-        NCA,
-        dict(
-            channels=16,
-            hidden=128,
-            fire_rate=0.5,
-            filters=DISTILL_FILTERS[:3],
-            bias1=True,
-            bias2=True,
-        ),
-        {**opts, **extra},
-    )
+    """The growing NCA's architecture (16 channels, 128 hidden, 3 filters, zero padding, alive
+    masking), rotated filters, with weights that keep most cells alive for 64 steps."""
+    m = randomize(NCA(**{**GROWING, "perception_angle": 0.4, **extra}))
     with torch.no_grad():
         m.w2.bias[3] = -0.01  # alpha drifts down: some cells die, most live (checked below)
     return m
 
 
 def torch_steps(model, x, steps, seed):
-    """``steps`` steps of fastnca's step with the page's masks (the reference step with the
-    model's options when the NCA module does not hold them itself)."""
-    opts = getattr(model, "_export_test_opts", None)
+    """``steps`` steps of fastnca's step with the page's masks."""
     H, W = x.shape[-2:]
     with torch.no_grad():
         for s in range(steps):
-            mask = hash_mask(seed, s, H, W, model.fire_rate)
-            if opts is None:
-                x = model.step(x, mask)
-            else:
-                w1, w2 = model.w1.weight[:, :, 0, 0], model.w2.weight[:, :, 0, 0]
-                x = nca_step_ref(
-                    x, w1, model.w1.bias, w2, model.w2.bias, mask, model.filters, **opts
-                )
+            x = model.step(x, hash_mask(seed, s, H, W, model.fire_rate))
     return x
 
 
@@ -128,7 +92,7 @@ def test_page_matches_pytorch_after_64_steps(tmp_path, preset):
     if preset == "lesson":
         model = randomize(NCA.fastai())
     elif preset == "clip":
-        model = with_options(NCA.texture, dict(bias2=True), dict(clip=TEXTURE_CLIP), s2=0.05)
+        model = randomize(NCA.texture(bias2=True, clip=TEXTURE_CLIP), s2=0.05)
     else:
         model = randomize(NCA.texture())
     # "texture-weights-texture": the page's other weight path (weights read from a texture).

@@ -133,55 +133,27 @@ def test_train_grow_writes_run(tmp_path):
         assert im.n_frames > 1
 
 
-def _args(**kw):
-    import argparse
+def _args(*argv):
+    # The namespace `fastnca train --task grow ARGV` parses to (the real parser, its defaults).
+    from fastnca.cli import build_parser
 
-    base = dict(
-        style=None,
-        out=None,
-        preset="quick",
-        resume=None,
-        loss=None,
-        texture=None,
-        weights=None,
-        amp=None,
-        compile=None,
-        style_weight=None,
-        device="auto",
-        no_progress=True,
-        **{
-            k: None
-            for k in (
-                "iters",
-                "size",
-                "batch",
-                "pool",
-                "channels",
-                "hidden",
-                "min_steps",
-                "max_steps",
-                "lr",
-                "seed",
-                "threads",
-            )
-        },
-    )
-    return argparse.Namespace(**{**base, **kw})
+    return build_parser().parse_args(["train", "--task", "grow", "--no-progress", *argv])
 
 
 def test_cli_run_grow(tmp_path):
     from fastnca.cli._common import UsageError
     from fastnca.cli._grow import run_grow
 
-    tiny = dict(size=8, batch=3, pool=6, hidden=16, min_steps=3, max_steps=5, iters=2)
-    assert run_grow(_args(style="smiley", out=str(tmp_path / "r"), **tiny)) == 0
+    tiny = ["--size", "8", "--batch", "3", "--pool", "6", "--hidden", "16", "--iters", "2"]
+    tiny += ["--min-steps", "3", "--max-steps", "5"]
+    assert run_grow(_args("smiley", "-o", str(tmp_path / "r"), *tiny)) == 0
     assert (tmp_path / "r" / "regenerate.gif").is_file()
-    for kw, match in [
-        (dict(loss="swd"), "--loss"),
-        (dict(preset="texture"), "--preset"),
-        (dict(style=str(tmp_path / "nope.png")), "target"),
-        ({}, "-o RUN_DIR"),
+    for argv, match in [
+        (["--loss", "swd"], "--loss"),
+        (["--preset", "texture"], "--preset"),
+        ([str(tmp_path / "nope.png")], "target"),
+        ([], "-o RUN_DIR"),
     ]:
-        out = None if not kw else str(tmp_path / "x")
+        out = ["-o", str(tmp_path / "x")] if argv else []
         with pytest.raises(UsageError, match=match):
-            run_grow(_args(**{"out": out, **tiny, **kw}))
+            run_grow(_args(*out, *tiny, *argv))

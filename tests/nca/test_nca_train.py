@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TINY_RUN
 from torch import nn
 
 from fastnca.losses import overflow_loss
@@ -14,19 +15,10 @@ from fastnca.nca.recipe import NCACB, TextureLoss, TrainingDiverged, training_rg
 from fastnca.nca.run import train_texture
 
 # Tiny runs: 16x16 grids, few steps, random (offline) features at two layers.
-TINY = dict(
-    size=16,
-    channels=4,
-    hidden=12,
-    pool=6,
-    batch=2,
-    min_steps=3,
-    max_steps=6,
-    weights="random",
-    layers=(1, 6),
-    seed_every=2,
-    save_every=0,
-)
+TINY = {
+    **TINY_RUN,
+    **dict(hidden=12, pool=6, min_steps=3, max_steps=6, layers=(1, 6), seed_every=2, save_every=0),
+}
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TINY_RUN
 
 from fastnca.nca.checkpoint import FORMAT_VERSION, load_checkpoint, load_nca
 from fastnca.nca.run import train_texture
@@ -18,18 +19,7 @@ LEGACY_CURVE = [
     0.8663250803947449,
     0.8612585663795471,
 ]  # the old version's own 5-iteration run (see SOURCE.md)
-TINY = dict(
-    size=16,
-    channels=4,
-    hidden=8,
-    pool=4,
-    batch=2,
-    min_steps=2,
-    max_steps=3,
-    weights="random",
-    layers=(1,),
-    save_every=0,
-)
+TINY = {**TINY_RUN, "layers": (1,), "save_every": 0}
 KW = dict(progress=False, gif_frames=1, gif_steps_per_frame=1)
 
 

@@ -4,7 +4,7 @@ training, stylize and both CLI flags. Without the flag the same probes see float
 
 import pytest
 import torch
-from conftest import tiny_train_args
+from conftest import TINY_RUN, tiny_train_args
 
 from fastnca.cli import main
 from fastnca.nca.recipe import NCACB
@@ -13,19 +13,7 @@ from fastnca.style import features as features_mod
 from fastnca.style.stylize import stylize
 from fastnca.style.textures import builtin_content, builtin_texture
 
-TINY = dict(
-    size=16,
-    channels=4,
-    hidden=8,
-    pool=4,
-    batch=2,
-    min_steps=2,
-    max_steps=3,
-    weights="random",
-    layers=(1, 6),
-    save_every=0,
-    iters=1,
-)
+TINY = {**TINY_RUN, "layers": (1, 6), "save_every": 0, "iters": 1}
 
 
 @pytest.fixture
