@@ -13,6 +13,16 @@ import torch  # noqa: E402
 
 from fastnca.nca.distill import TEXTURE_CLIP  # noqa: E402
 
+
+def pytest_sessionstart(session):
+    # Build the C++ CPU kernels before any test (about 45 s, once per machine), so that no test
+    # and no `fastnca` subprocess of a test waits on the compiler. CI requires them.
+    from fastnca.ops import _cpp_kernels
+
+    if _cpp_kernels.kernels() is None and os.environ.get("FASTNCA_REQUIRE_CPU_KERNELS") == "1":
+        pytest.exit(f"C++ CPU kernels required: {_cpp_kernels.status()}", returncode=1)
+
+
 # One intra-op thread: the tests' tensors are small, and on a busy 2-core machine two threads made
 # them up to 20x slower (each test file used to pin this itself).
 torch.set_num_threads(1)

@@ -21,8 +21,18 @@ OPS = ("perceive", "nca_step", "gram", "style_loss")
 # The CPU custom ops (fastnca/ops/_nca_cpu.py, perceive.py) and what they do.
 CPU_OPS = {
     "perceive": "CPU op fastnca::perceive_cpu: streaming stencil passes",
-    "nca_step": "CPU op fastnca::nca_step_cpu: the MLP on fired cells only, parts on every core",
+    "nca_step": "CPU op fastnca::nca_step_cpu: the MLP on fired cells only",
 }
+
+
+def _nca_step_cpu() -> str:
+    # Which CPU path nca_step takes: the C++ kernel (fastnca/ops/_cpp_kernels.py) when built.
+    from fastnca.ops import _cpp_kernels
+
+    k = _cpp_kernels.kernels()
+    if k is not None:
+        return CPU_OPS["nca_step"] + ", C++ kernel (tiles of rows fused in cache)"
+    return CPU_OPS["nca_step"] + f", torch parts (C++ kernel {_cpp_kernels.status()})"
 
 
 def add_parser(sub):
@@ -109,7 +119,7 @@ def collect(compile_missing: bool = False) -> dict:
             d["ops"] = {op: {"path": path, "why": dec.reason} for op in OPS}
             if dev.type == "cpu" and not dec.triton:
                 n = torch.get_num_threads()
-                for op, what in CPU_OPS.items():
+                for op, what in {**CPU_OPS, "nca_step": _nca_step_cpu()}.items():
                     d["ops"][op]["why"] = f"{what}, {n} thread{'s' * (n > 1)}"
             d["ops_note"] = "float64 gram/style_loss always take the torch composite"
         except (RuntimeError, ValueError) as e:

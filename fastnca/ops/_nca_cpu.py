@@ -1,6 +1,10 @@
 """CPU helpers of the fused NCA step, shared by the plain step (``fastnca.ops.nca_step``) and the
 step with options (``fastnca.ops.nca_step_options``): perception planes and their adjoint, the
-fired cells of a mask, the GEMM block size, and the plain step's forward and backward."""
+fired cells of a mask, the GEMM block size, and the plain step's forward and backward.
+
+The plain step runs the C++ kernel of ``kernels/nca_step_cpu.cpp`` (tiles of rows fused in cache,
+on torch's intra-op threads) when it is built (``ops._cpp_kernels``); otherwise the pure-torch
+path below (whole-grid passes, parts on Python threads)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnca._checks import acc_dtype
+from fastnca.ops._cpp_kernels import kernels
 from fastnca.ops._cpu_parallel import channel_parts, cores, n_parts, run_parts, split
 from fastnca.ops._stencil_cpu import adjoint_into, filter_taps, fold_circular, planes_into
 from fastnca.reference import circular_pad1, update_mask
@@ -90,9 +95,37 @@ def _segments(idx, B, HW):
     return segs
 
 
-def _cpu_forward(*args):
-    with cores(args[0][:, 0].numel()):  # the whole op on every core (ops._cpu_parallel)
-        return _forward(*args)
+TILE_CELLS = 2048  # cells per tile of the C++ kernel (rows of one image; measured 1-4k best)
+
+
+def _kernel_args(x, w1, w2, mask, filters):
+    # The C++ kernel's inputs: x contiguous in the accumulation dtype, w1's columns in plane
+    # order (f*C + c), the mask as (B, H, W) bool or in x's dtype, the taps as (K, 4) float64
+    # rows (filter, row, column, value), and the tile height.
+    dt = _acc(x)
+    B, C, H, W = x.shape
+    nf = filters.shape[0]
+    w1p = w1.to(dt).view(-1, C, nf).transpose(1, 2).reshape(-1, w1.shape[1]).contiguous()
+    taps = [[f, a, e, v] for f, tf in enumerate(filter_taps(filters)) for a, e, v in tf]
+    m = mask.reshape(B, H, W)
+    m = (m if m.dtype == torch.bool else m.to(dt)).contiguous()
+    rows = max(1, TILE_CELLS // W)
+    taps = torch.tensor(taps, dtype=torch.float64).reshape(-1, 4)
+    return dt, x.to(dt).contiguous(), w1p, w2.to(dt).contiguous(), m, taps, rows
+
+
+def _bias(b, dt):
+    return torch.empty(0, dtype=dt) if b is None else b.to(dt).contiguous()
+
+
+def _cpu_forward(x, w1, b1, w2, b2, mask, filters):
+    k = kernels()
+    if k is not None:
+        dt, xc, w1p, w2c, m, taps, rows = _kernel_args(x, w1, w2, mask, filters)
+        out = k.nca_forward(xc, w1p, _bias(b1, dt), w2c, _bias(b2, dt), m, taps, rows)
+        return out.to(x.dtype)
+    with cores(x[:, 0].numel()):  # the whole op on every core (ops._cpu_parallel)
+        return _forward(x, w1, b1, w2, b2, mask, filters)
 
 
 def _forward(x, w1, b1, w2, b2, mask, filters):
@@ -128,9 +161,16 @@ def _forward(x, w1, b1, w2, b2, mask, filters):
     return out.to(x.dtype)
 
 
-def _cpu_backward(*args):
-    with cores(args[1][:, 0].numel()):
-        return _backward(*args)
+def _cpu_backward(grad, x, w1, b1, w2, mask, filters):
+    k = kernels()
+    if k is not None:
+        dt, xc, w1p, w2c, m, taps, rows = _kernel_args(x, w1, w2, mask, filters)
+        g = grad.to(dt).contiguous()
+        dx, dw1p, db1, dw2, db2 = k.nca_backward(g, xc, w1p, _bias(b1, dt), w2c, m, taps, rows)
+        dw1 = dw1p.view(-1, filters.shape[0], x.shape[1]).transpose(1, 2).reshape(w1.shape)
+        return dx.to(grad.dtype), dw1, db1, dw2, db2
+    with cores(x[:, 0].numel()):
+        return _backward(grad, x, w1, b1, w2, mask, filters)
 
 
 def _backward(grad, x, w1, b1, w2, mask, filters):

@@ -1,6 +1,8 @@
 """The CPU ops' thread-level parts (fastnca.ops._cpu_parallel): results in order on distinct
 threads, torch's thread count always restored, and the split nca_step / perceive paths equal to
-the reference (forward and gradients, float64) with more parts than cores and uneven splits."""
+the reference (forward and gradients, float64) with more parts than cores and uneven splits.
+nca_step runs its pure-torch path here (FASTNCA_CPU_KERNELS=0); the C++ kernel that replaces it
+where it builds is tested in test_cpu_kernels.py."""
 
 import threading
 
@@ -23,6 +25,7 @@ def threads3(monkeypatch):
     torch.set_num_threads(3)
     monkeypatch.setattr(par, "MIN_GRID", 1)
     monkeypatch.setattr(ncpu, "MIN_FIRED", 1)
+    monkeypatch.setenv("FASTNCA_CPU_KERNELS", "0")  # the pure-torch path of nca_step
     yield
     torch.set_num_threads(before)
 

@@ -1,0 +1,326 @@
+// The fused NCA step on CPU, tile by tile: a tile is a block of R rows of one image (about 1-2k
+// cells, so that its planes and activations stay in the core's cache). Per tile, one thread:
+//   perception planes P (NF, C, R, W) of the tile from its circularly padded rows,
+//   the fired cells' columns Pc (NF*C, n) gathered from P,
+//   the MLP on them through ATen's GEMMs (MKL): h = relu(W1 Pc + b1), y = W2 h + b2,
+//   out = x + mask * y on the fired cells.
+// The backward recomputes P, Pc and h per tile, forms the weight gradients (per thread, summed in
+// thread order after the loop: deterministic for a given thread count), dPc = W1^T da, scatters
+// dPc into dense planes dP and applies the filters' adjoint into a padded tile accumulator whose
+// interior is the tile's dx (= g + adjoint) and whose two halo rows are added to the neighbouring
+// rows after the loop (they belong to other tiles). Tiles run in at::parallel_for on torch's
+// intra-op threads; ATen calls inside a parallel region run single-threaded.
+//
+// Shapes: x, g (B, C, H, W) contiguous; w1p (HID, NF*C) with columns in plane order f*C + c;
+// b1 (HID) or empty; w2 (C, HID); b2 (C) or empty; mask (B, H, W) bool or float (value = the
+// update's factor, fired where != 0); taps (K, 4) float64 rows (filter f, row a, col e, value v):
+// filter f reads x[i + a - 1, j + e - 1] with weight v.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+struct Tap {
+  int f, a, e;
+  double v;
+};
+
+std::vector<Tap> read_taps(const at::Tensor& taps) {
+  auto t = taps.to(at::kDouble).contiguous();
+  const double* p = t.data_ptr<double>();
+  std::vector<Tap> out;
+  for (int64_t k = 0; k < t.size(0); ++k)
+    out.push_back({int(p[4 * k]), int(p[4 * k + 1]), int(p[4 * k + 2]), p[4 * k + 3]});
+  return out;
+}
+
+struct Geom {
+  int64_t B, C, H, W, NF, HID, R, tiles_per_image;
+};
+
+// xp (C, rb+2, W+2) <- rows r0-1 .. r0+rb of image xb (C, H, W), circular in both dims.
+template <typename T>
+void pad_tile(const T* xb, const Geom& g, int64_t r0, int64_t rb, T* xp) {
+  const int64_t W = g.W, Wp = W + 2;
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t rr = 0; rr < rb + 2; ++rr) {
+      const T* src = xb + (c * g.H + ((r0 - 1 + rr) % g.H + g.H) % g.H) * W;
+      T* dst = xp + (c * (rb + 2) + rr) * Wp;
+      std::copy(src, src + W, dst + 1);
+      dst[0] = src[W - 1];
+      dst[W + 1] = src[0];
+    }
+}
+
+// P (NF, C, rb, W) <- each filter on the padded tile: P[f, c, r, j] = sum v * xp[c, r+a, j+e].
+// Output row by output row, so that a row stays in L1 while its taps accumulate.
+template <typename T>
+void tile_planes(const T* xp, const Geom& g, int64_t rb, const std::vector<Tap>& taps, T* P) {
+  const int64_t W = g.W, Wp = W + 2;
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t r = 0; r < rb; ++r) {
+      for (int64_t f = 0; f < g.NF; ++f) std::fill_n(P + ((f * g.C + c) * rb + r) * W, W, T(0));
+      for (const Tap& k : taps) {
+        const T v = T(k.v);
+        T* __restrict o = P + ((k.f * g.C + c) * rb + r) * W;
+        const T* __restrict s = xp + (c * (rb + 2) + r + k.a) * Wp + k.e;
+        for (int64_t j = 0; j < W; ++j) o[j] += v * s[j];
+      }
+    }
+}
+
+// Fired cells of tile (b, r0, rb): local indices r*W + j and the mask's factor.
+template <typename T>
+int64_t fired(const at::Tensor& mask, const Geom& g, int64_t b, int64_t r0, int64_t rb,
+              int64_t* loc, T* val) {
+  const int64_t off = (b * g.H + r0) * g.W, n = rb * g.W;
+  int64_t k = 0;
+  if (mask.scalar_type() == at::kBool) {
+    const bool* m = mask.data_ptr<bool>() + off;
+    for (int64_t i = 0; i < n; ++i)
+      if (m[i]) { loc[k] = i; val[k++] = T(1); }
+  } else {
+    const T* m = mask.data_ptr<T>() + off;
+    for (int64_t i = 0; i < n; ++i)
+      if (m[i] != T(0)) { loc[k] = i; val[k++] = m[i]; }
+  }
+  return k;
+}
+
+// Pc (rows, n) <- columns loc of P (rows, cols).
+template <typename T>
+void gather(const T* P, int64_t rows, int64_t cols, const int64_t* loc, int64_t n, T* Pc) {
+  for (int64_t q = 0; q < rows; ++q) {
+    const T* s = P + q * cols;
+    T* d = Pc + q * n;
+    for (int64_t t = 0; t < n; ++t) d[t] = s[loc[t]];
+  }
+}
+
+// Per-thread scratch buffers, kept across calls (torch's OpenMP threads live as long as the
+// process): no allocation, page faults or zero fill per tile or per call.
+template <typename T>
+T* scratch(int slot, int64_t n) {
+  static thread_local std::vector<T> bufs[12];
+  if (int64_t(bufs[slot].size()) < n) bufs[slot].resize(n);
+  return bufs[slot].data();
+}
+
+template <typename T>
+int64_t* index_scratch(int64_t n) {
+  static thread_local std::vector<int64_t> buf;
+  if (int64_t(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+at::Tensor view(void* p, at::IntArrayRef shape, const at::TensorOptions& o) {
+  return at::from_blob(p, shape, o);
+}
+
+// h (HID, n) = relu(w1p @ pc + b1)
+void hidden(at::Tensor& h, const at::Tensor& w1p, const at::Tensor& b1, const at::Tensor& pc) {
+  if (b1.defined() && b1.numel()) at::addmm_out(h, b1.unsqueeze(1), w1p, pc);
+  else at::mm_out(h, w1p, pc);
+  h.clamp_min_(0);
+}
+
+Geom geometry(const at::Tensor& x, const at::Tensor& w1p, int64_t rows) {
+  Geom g{x.size(0), x.size(1), x.size(2), x.size(3), w1p.size(1) / x.size(1), w1p.size(0), 1, 1};
+  g.R = std::max<int64_t>(1, std::min<int64_t>(g.H, rows));
+  g.tiles_per_image = (g.H + g.R - 1) / g.R;
+  return g;
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& x, const at::Tensor& w1p, const at::Tensor& b1,
+                  const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& mask,
+                  const std::vector<Tap>& taps, const Geom& g, at::Tensor& out) {
+  const auto o = x.options();
+  const int64_t C = g.C, H = g.H, W = g.W, R = g.R, FC = g.NF * C, cells = R * W;
+  const T* xs = x.data_ptr<T>();
+  T* os = out.data_ptr<T>();
+  at::parallel_for(0, g.B * g.tiles_per_image, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;  // grad mode is per thread: the workers' own
+    T *xp = scratch<T>(0, C * (R + 2) * (W + 2)), *P = scratch<T>(1, FC * cells);
+    T *Pc = scratch<T>(2, FC * cells), *hb = scratch<T>(3, g.HID * cells);
+    T *yb = scratch<T>(4, C * cells), *val = scratch<T>(5, cells);
+    int64_t* loc = index_scratch<T>(cells);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / g.tiles_per_image, r0 = (tile % g.tiles_per_image) * R;
+      const int64_t rb = std::min(R, H - r0);
+      const T* xb = xs + b * C * H * W;
+      T* ob = os + b * C * H * W;
+      for (int64_t c = 0; c < C; ++c)
+        std::copy(xb + (c * H + r0) * W, xb + (c * H + r0 + rb) * W, ob + (c * H + r0) * W);
+      const int64_t n = fired<T>(mask, g, b, r0, rb, loc, val);
+      if (n == 0) continue;
+      pad_tile(xb, g, r0, rb, xp);
+      tile_planes(xp, g, rb, taps, P);
+      gather(P, FC, rb * W, loc, n, Pc);
+      auto pc = view(Pc, {FC, n}, o), h = view(hb, {g.HID, n}, o);
+      auto y = view(yb, {C, n}, o);
+      hidden(h, w1p, b1, pc);
+      if (b2.defined() && b2.numel()) at::addmm_out(y, b2.unsqueeze(1), w2, h);
+      else at::mm_out(y, w2, h);
+      for (int64_t c = 0; c < C; ++c) {
+        T* oc = ob + (c * H + r0) * W;
+        const T* yc = yb + c * n;
+        for (int64_t t = 0; t < n; ++t) oc[loc[t]] += yc[t] * val[t];
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1p,
+                   const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& mask,
+                   const std::vector<Tap>& taps, const Geom& g, at::Tensor& dx,
+                   std::vector<at::Tensor>& grads) {
+  const auto o = x.options();
+  const int64_t C = g.C, H = g.H, W = g.W, R = g.R, FC = g.NF * C, HID = g.HID, cells = R * W;
+  const int64_t ntiles = g.B * g.tiles_per_image, Wp = W + 2;
+  const T* xs = x.data_ptr<T>();
+  const T* gs = grad.data_ptr<T>();
+  T* dxs = dx.data_ptr<T>();
+  // Per-thread weight gradients (dW1p, db1, dW2, db2), summed in thread order below.
+  const int nt = at::get_num_threads();
+  auto part = at::zeros({nt, HID * FC + HID + C * HID + C}, o);
+  auto halos = at::empty({ntiles, 2, C, W}, o);  // top and bottom halo rows of each tile's dx
+  T* hs = halos.data_ptr<T>();
+  const auto w1t = w1p.t().contiguous(), w2t = w2.t().contiguous();
+  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;
+    auto slot = part[at::get_thread_num()];
+    auto dw1 = slot.narrow(0, 0, HID * FC).view({HID, FC});
+    auto db1 = slot.narrow(0, HID * FC, HID);
+    auto dw2 = slot.narrow(0, HID * FC + HID, C * HID).view({C, HID});
+    auto db2 = slot.narrow(0, HID * FC + HID + C * HID, C);
+    T *xp = scratch<T>(0, C * (R + 2) * Wp), *P = scratch<T>(1, FC * cells);
+    T *Pc = scratch<T>(2, FC * cells), *hb = scratch<T>(3, HID * cells);
+    T *gyb = scratch<T>(4, C * cells), *val = scratch<T>(5, cells), *dab = scratch<T>(6, HID * cells);
+    T *dpcb = scratch<T>(7, FC * cells), *acc = scratch<T>(8, C * (R + 2) * Wp);
+    int64_t* loc = index_scratch<T>(cells);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / g.tiles_per_image, r0 = (tile % g.tiles_per_image) * R;
+      const int64_t rb = std::min(R, H - r0);
+      const T* xb = xs + b * C * H * W;
+      const T* gb = gs + b * C * H * W;
+      std::fill(acc, acc + C * (rb + 2) * Wp, T(0));
+      const int64_t n = fired<T>(mask, g, b, r0, rb, loc, val);
+      if (n) {
+        pad_tile(xb, g, r0, rb, xp);
+        tile_planes(xp, g, rb, taps, P);
+        gather(P, FC, rb * W, loc, n, Pc);
+        auto pc = view(Pc, {FC, n}, o), h = view(hb, {HID, n}, o);
+        hidden(h, w1p, b1, pc);
+        for (int64_t c = 0; c < C; ++c) {  // gy = mask * g on the fired cells
+          const T* gc = gb + (c * H + r0) * W;
+          T* d = gyb + c * n;
+          for (int64_t t = 0; t < n; ++t) d[t] = gc[loc[t]] * val[t];
+        }
+        auto gy = view(gyb, {C, n}, o), da = view(dab, {HID, n}, o);
+        dw2.addmm_(gy, h.t());
+        db2.add_(gy.sum(1));
+        at::mm_out(da, w2t, gy);
+        for (int64_t q = 0; q < HID * n; ++q) dab[q] = hb[q] > T(0) ? dab[q] : T(0);  // relu'
+        dw1.addmm_(da, pc.t());
+        db1.add_(da.sum(1));
+        auto dpc = view(dpcb, {FC, n}, o);
+        at::mm_out(dpc, w1t, da);
+        // dP: dPc scattered back to dense planes (P's buffer), then the adjoint filters.
+        std::fill(P, P + FC * rb * W, T(0));
+        for (int64_t q = 0; q < FC; ++q)
+          for (int64_t t = 0; t < n; ++t) P[q * rb * W + loc[t]] = dpcb[q * n + t];
+        for (int64_t c = 0; c < C; ++c)  // row by row: three acc rows stay in L1
+          for (int64_t r = 0; r < rb; ++r)
+            for (const Tap& k : taps) {
+              const T v = T(k.v);
+              const T* __restrict s = P + ((k.f * C + c) * rb + r) * W;
+              T* __restrict a = acc + (c * (rb + 2) + r + k.a) * Wp + k.e;
+              for (int64_t j = 0; j < W; ++j) a[j] += v * s[j];
+            }
+      }
+      // Fold the halo columns back circularly, write the interior, keep the halo rows.
+      T* dxb = dxs + b * C * H * W;
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t rr = 0; rr < rb + 2; ++rr) {
+          T* a = acc + (c * (rb + 2) + rr) * Wp;
+          a[1] += a[W + 1];
+          a[W] += a[0];
+        }
+        for (int64_t r = 0; r < rb; ++r) {
+          const T* a = acc + (c * (rb + 2) + r + 1) * Wp + 1;
+          const T* gr = gb + (c * H + r0 + r) * W;
+          T* d = dxb + (c * H + r0 + r) * W;
+          for (int64_t j = 0; j < W; ++j) d[j] = gr[j] + a[j];
+        }
+        const T* top = acc + (c * (rb + 2)) * Wp + 1;
+        const T* bot = acc + (c * (rb + 2) + rb + 1) * Wp + 1;
+        std::copy(top, top + W, hs + ((tile * 2) * C + c) * W);
+        std::copy(bot, bot + W, hs + ((tile * 2 + 1) * C + c) * W);
+      }
+    }
+  });
+  for (int64_t tile = 0; tile < ntiles; ++tile) {  // halo rows onto their rows, in tile order
+    const int64_t b = tile / g.tiles_per_image, r0 = (tile % g.tiles_per_image) * R;
+    const int64_t rows[2] = {(r0 - 1 + H) % H, (std::min(r0 + R, H)) % H};
+    for (int s = 0; s < 2; ++s)
+      for (int64_t c = 0; c < C; ++c) {
+        T* d = dxs + ((b * C + c) * H + rows[s]) * W;
+        const T* hr = hs + ((tile * 2 + s) * C + c) * W;
+        for (int64_t j = 0; j < W; ++j) d[j] += hr[j];
+      }
+  }
+  auto total = part.sum(0);  // thread order: deterministic
+  grads = {total.narrow(0, 0, HID * FC).view({HID, FC}).clone(),
+           total.narrow(0, HID * FC, HID).clone(),
+           total.narrow(0, HID * FC + HID, C * HID).view({C, HID}).clone(),
+           total.narrow(0, HID * FC + HID + C * HID, C).clone()};  // separate outputs
+}
+
+void check(const at::Tensor& x, const at::Tensor& mask) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "x: contiguous (B, C, H, W) expected");
+  TORCH_CHECK(mask.dim() == 3 && mask.is_contiguous(), "mask: contiguous (B, H, W) expected");
+  TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == x.scalar_type(),
+              "mask: bool or x's dtype expected");
+}
+
+}  // namespace
+
+at::Tensor nca_forward(at::Tensor x, at::Tensor w1p, at::Tensor b1, at::Tensor w2,
+                       at::Tensor b2, at::Tensor mask, at::Tensor taps, int64_t rows) {
+  check(x, mask);
+  at::NoGradGuard no_grad;
+  const auto tp = read_taps(taps);
+  const Geom g = geometry(x, w1p, rows);
+  auto out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nca_forward", [&] {
+    forward_impl<scalar_t>(x, w1p, b1, w2, b2, mask, tp, g, out);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> nca_backward(at::Tensor grad, at::Tensor x, at::Tensor w1p,
+                                     at::Tensor b1, at::Tensor w2, at::Tensor mask,
+                                     at::Tensor taps, int64_t rows) {
+  check(x, mask);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous(), "grad: like x expected");
+  at::NoGradGuard no_grad;
+  const auto tp = read_taps(taps);
+  const Geom g = geometry(x, w1p, rows);
+  auto dx = at::empty_like(x);
+  std::vector<at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nca_backward", [&] {
+    backward_impl<scalar_t>(grad, x, w1p, b1, w2, mask, tp, g, dx, grads);
+  });
+  grads.insert(grads.begin(), dx);
+  return grads;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("nca_forward", &nca_forward, "fused NCA step forward on CPU");
+  m.def("nca_backward", &nca_backward, "fused NCA step backward on CPU");
+}
