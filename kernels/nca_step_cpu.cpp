@@ -15,61 +15,29 @@
 // b1 (HID) or empty; w2 (C, HID); b2 (C) or empty; mask (B, H, W) bool or float (value = the
 // update's factor, fired where != 0); taps (K, 4) float64 rows (filter f, row a, col e, value v):
 // filter f reads x[i + a - 1, j + e - 1] with weight v.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include <torch/library.h>
 
-#include <algorithm>
-#include <vector>
+#include "stencil_cpu.h"
 
 namespace {
 
-struct Tap {
-  int f, a, e;
-  double v;
-};
-
-std::vector<Tap> read_taps(const at::Tensor& taps) {
-  auto t = taps.to(at::kDouble).contiguous();
-  const double* p = t.data_ptr<double>();
-  std::vector<Tap> out;
-  for (int64_t k = 0; k < t.size(0); ++k)
-    out.push_back({int(p[4 * k]), int(p[4 * k + 1]), int(p[4 * k + 2]), p[4 * k + 3]});
-  return out;
-}
+using fastnca::Tap;
+using fastnca::scratch;
 
 struct Geom {
   int64_t B, C, H, W, NF, HID, R, tiles_per_image;
 };
 
-// xp (C, rb+2, W+2) <- rows r0-1 .. r0+rb of image xb (C, H, W), circular in both dims.
+// P (NF, C, rb, W) <- the filters on rows r0 .. r0+rb-1 of every channel of image xb (C, H, W),
+// through the padded rows xp (C, rb+2, W+2).
 template <typename T>
-void pad_tile(const T* xb, const Geom& g, int64_t r0, int64_t rb, T* xp) {
-  const int64_t W = g.W, Wp = W + 2;
-  for (int64_t c = 0; c < g.C; ++c)
-    for (int64_t rr = 0; rr < rb + 2; ++rr) {
-      const T* src = xb + (c * g.H + ((r0 - 1 + rr) % g.H + g.H) % g.H) * W;
-      T* dst = xp + (c * (rb + 2) + rr) * Wp;
-      std::copy(src, src + W, dst + 1);
-      dst[0] = src[W - 1];
-      dst[W + 1] = src[0];
-    }
-}
-
-// P (NF, C, rb, W) <- each filter on the padded tile: P[f, c, r, j] = sum v * xp[c, r+a, j+e].
-// Output row by output row, so that a row stays in L1 while its taps accumulate.
-template <typename T>
-void tile_planes(const T* xp, const Geom& g, int64_t rb, const std::vector<Tap>& taps, T* P) {
-  const int64_t W = g.W, Wp = W + 2;
-  for (int64_t c = 0; c < g.C; ++c)
-    for (int64_t r = 0; r < rb; ++r) {
-      for (int64_t f = 0; f < g.NF; ++f) std::fill_n(P + ((f * g.C + c) * rb + r) * W, W, T(0));
-      for (const Tap& k : taps) {
-        const T v = T(k.v);
-        T* __restrict o = P + ((k.f * g.C + c) * rb + r) * W;
-        const T* __restrict s = xp + (c * (rb + 2) + r + k.a) * Wp + k.e;
-        for (int64_t j = 0; j < W; ++j) o[j] += v * s[j];
-      }
-    }
+void tile_planes(const T* xb, const Geom& g, int64_t r0, int64_t rb,
+                 const std::vector<Tap>& taps, T* xp, T* P) {
+  for (int64_t c = 0; c < g.C; ++c) {
+    T* xpc = xp + c * (rb + 2) * (g.W + 2);
+    fastnca::pad_rows(xb + c * g.H * g.W, g.H, g.W, r0, rb, xpc);
+    fastnca::filter_rows(xpc, rb, g.W, g.NF, taps, P + c * rb * g.W, g.C * rb * g.W);
+  }
 }
 
 // Fired cells of tile (b, r0, rb): local indices r*W + j and the mask's factor.
@@ -98,22 +66,6 @@ void gather(const T* P, int64_t rows, int64_t cols, const int64_t* loc, int64_t 
     T* d = Pc + q * n;
     for (int64_t t = 0; t < n; ++t) d[t] = s[loc[t]];
   }
-}
-
-// Per-thread scratch buffers, kept across calls (torch's OpenMP threads live as long as the
-// process): no allocation, page faults or zero fill per tile or per call.
-template <typename T>
-T* scratch(int slot, int64_t n) {
-  static thread_local std::vector<T> bufs[12];
-  if (int64_t(bufs[slot].size()) < n) bufs[slot].resize(n);
-  return bufs[slot].data();
-}
-
-template <typename T>
-int64_t* index_scratch(int64_t n) {
-  static thread_local std::vector<int64_t> buf;
-  if (int64_t(buf.size()) < n) buf.resize(n);
-  return buf.data();
 }
 
 at::Tensor view(void* p, at::IntArrayRef shape, const at::TensorOptions& o) {
@@ -147,7 +99,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w1p, const at::Tensor& 
     T *xp = scratch<T>(0, C * (R + 2) * (W + 2)), *P = scratch<T>(1, FC * cells);
     T *Pc = scratch<T>(2, FC * cells), *hb = scratch<T>(3, g.HID * cells);
     T *yb = scratch<T>(4, C * cells), *val = scratch<T>(5, cells);
-    int64_t* loc = index_scratch<T>(cells);
+    int64_t* loc = scratch<int64_t>(0, cells);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t b = tile / g.tiles_per_image, r0 = (tile % g.tiles_per_image) * R;
       const int64_t rb = std::min(R, H - r0);
@@ -157,8 +109,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w1p, const at::Tensor& 
         std::copy(xb + (c * H + r0) * W, xb + (c * H + r0 + rb) * W, ob + (c * H + r0) * W);
       const int64_t n = fired<T>(mask, g, b, r0, rb, loc, val);
       if (n == 0) continue;
-      pad_tile(xb, g, r0, rb, xp);
-      tile_planes(xp, g, rb, taps, P);
+      tile_planes(xb, g, r0, rb, taps, xp, P);
       gather(P, FC, rb * W, loc, n, Pc);
       auto pc = view(Pc, {FC, n}, o), h = view(hb, {g.HID, n}, o);
       auto y = view(yb, {C, n}, o);
@@ -202,7 +153,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
     T *Pc = scratch<T>(2, FC * cells), *hb = scratch<T>(3, HID * cells);
     T *gyb = scratch<T>(4, C * cells), *val = scratch<T>(5, cells), *dab = scratch<T>(6, HID * cells);
     T *dpcb = scratch<T>(7, FC * cells), *acc = scratch<T>(8, C * (R + 2) * Wp);
-    int64_t* loc = index_scratch<T>(cells);
+    int64_t* loc = scratch<int64_t>(0, cells);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t b = tile / g.tiles_per_image, r0 = (tile % g.tiles_per_image) * R;
       const int64_t rb = std::min(R, H - r0);
@@ -211,8 +162,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
       std::fill(acc, acc + C * (rb + 2) * Wp, T(0));
       const int64_t n = fired<T>(mask, g, b, r0, rb, loc, val);
       if (n) {
-        pad_tile(xb, g, r0, rb, xp);
-        tile_planes(xp, g, rb, taps, P);
+        tile_planes(xb, g, r0, rb, taps, xp, P);
         gather(P, FC, rb * W, loc, n, Pc);
         auto pc = view(Pc, {FC, n}, o), h = view(hb, {HID, n}, o);
         hidden(h, w1p, b1, pc);
@@ -234,23 +184,13 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
         std::fill(P, P + FC * rb * W, T(0));
         for (int64_t q = 0; q < FC; ++q)
           for (int64_t t = 0; t < n; ++t) P[q * rb * W + loc[t]] = dpcb[q * n + t];
-        for (int64_t c = 0; c < C; ++c)  // row by row: three acc rows stay in L1
-          for (int64_t r = 0; r < rb; ++r)
-            for (const Tap& k : taps) {
-              const T v = T(k.v);
-              const T* __restrict s = P + ((k.f * C + c) * rb + r) * W;
-              T* __restrict a = acc + (c * (rb + 2) + r + k.a) * Wp + k.e;
-              for (int64_t j = 0; j < W; ++j) a[j] += v * s[j];
-            }
+        for (int64_t c = 0; c < C; ++c)
+          fastnca::adjoint_rows(P + c * rb * W, C * rb * W, rb, W, taps, acc + c * (rb + 2) * Wp);
       }
       // Fold the halo columns back circularly, write the interior, keep the halo rows.
       T* dxb = dxs + b * C * H * W;
       for (int64_t c = 0; c < C; ++c) {
-        for (int64_t rr = 0; rr < rb + 2; ++rr) {
-          T* a = acc + (c * (rb + 2) + rr) * Wp;
-          a[1] += a[W + 1];
-          a[W] += a[0];
-        }
+        fastnca::fold_columns(acc + c * (rb + 2) * Wp, rb + 2, W);
         for (int64_t r = 0; r < rb; ++r) {
           const T* a = acc + (c * (rb + 2) + r + 1) * Wp + 1;
           const T* gr = gb + (c * H + r0 + r) * W;
@@ -290,11 +230,12 @@ void check(const at::Tensor& x, const at::Tensor& mask) {
 
 }  // namespace
 
-at::Tensor nca_forward(at::Tensor x, at::Tensor w1p, at::Tensor b1, at::Tensor w2,
-                       at::Tensor b2, at::Tensor mask, at::Tensor taps, int64_t rows) {
+at::Tensor nca_forward(const at::Tensor& x, const at::Tensor& w1p, const at::Tensor& b1,
+                       const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& mask,
+                       const at::Tensor& taps, int64_t rows) {
   check(x, mask);
   at::NoGradGuard no_grad;
-  const auto tp = read_taps(taps);
+  const auto tp = fastnca::read_taps(taps);
   const Geom g = geometry(x, w1p, rows);
   auto out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nca_forward", [&] {
@@ -303,13 +244,14 @@ at::Tensor nca_forward(at::Tensor x, at::Tensor w1p, at::Tensor b1, at::Tensor w
   return out;
 }
 
-std::vector<at::Tensor> nca_backward(at::Tensor grad, at::Tensor x, at::Tensor w1p,
-                                     at::Tensor b1, at::Tensor w2, at::Tensor mask,
-                                     at::Tensor taps, int64_t rows) {
+std::vector<at::Tensor> nca_backward(const at::Tensor& grad, const at::Tensor& x,
+                                     const at::Tensor& w1p, const at::Tensor& b1,
+                                     const at::Tensor& w2, const at::Tensor& mask,
+                                     const at::Tensor& taps, int64_t rows) {
   check(x, mask);
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous(), "grad: like x expected");
   at::NoGradGuard no_grad;
-  const auto tp = read_taps(taps);
+  const auto tp = fastnca::read_taps(taps);
   const Geom g = geometry(x, w1p, rows);
   auto dx = at::empty_like(x);
   std::vector<at::Tensor> grads;
@@ -320,7 +262,13 @@ std::vector<at::Tensor> nca_backward(at::Tensor grad, at::Tensor x, at::Tensor w
   return grads;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("nca_forward", &nca_forward, "fused NCA step forward on CPU");
-  m.def("nca_backward", &nca_backward, "fused NCA step backward on CPU");
+TORCH_LIBRARY_FRAGMENT(fastnca_cpu, m) {
+  m.def(
+      "nca_forward(Tensor x, Tensor w1p, Tensor b1, Tensor w2, Tensor b2, Tensor mask, "
+      "Tensor taps, int rows) -> Tensor",
+      &nca_forward);
+  m.def(
+      "nca_backward(Tensor grad, Tensor x, Tensor w1p, Tensor b1, Tensor w2, Tensor mask, "
+      "Tensor taps, int rows) -> Tensor[]",
+      &nca_backward);
 }

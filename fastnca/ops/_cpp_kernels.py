@@ -13,8 +13,6 @@ why); ``FASTNCA_CPU_KERNELS=0`` asks for those paths outright.
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
-import importlib.util
 import logging
 import os
 import shutil
@@ -24,7 +22,8 @@ import time
 import warnings
 from pathlib import Path
 
-_SOURCES = ("nca_step_cpu.cpp",)
+_SOURCES = ("nca_step_cpu.cpp", "perceive_cpu.cpp")
+_HEADERS = ("stencil_cpu.h",)
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict = {}  # "module" (or None) once tried, "why" when not available
@@ -36,17 +35,17 @@ def enabled() -> bool:
     return os.environ.get("FASTNCA_CPU_KERNELS", "1").strip().lower() not in ("0", "off", "no")
 
 
-def _sources() -> list[Path]:
+def _sources(names=_SOURCES) -> list[Path]:
     import fastnca.kernels
 
-    return [Path(fastnca.kernels.__file__).parent / s for s in _SOURCES]
+    return [Path(fastnca.kernels.__file__).parent / s for s in names]
 
 
 def _name() -> str:
     import torch
 
     h = hashlib.sha256(f"{torch.__version__} {sys.version_info[:2]} {_FLAGS}".encode())
-    for src in _sources():
+    for src in _sources() + _sources(_HEADERS):
         h.update(src.read_bytes())
     return f"fastnca_cpu_{h.hexdigest()[:12]}"
 
@@ -56,23 +55,19 @@ def _cache() -> Path:
     return Path(d) if d else Path.home() / ".cache" / "fastnca" / "cpu_kernels"
 
 
-def _import(name: str, path: Path):
-    import torch  # noqa: F401  (the module links against torch's libraries)
-
-    spec = importlib.util.spec_from_file_location(
-        name, path, loader=importlib.machinery.ExtensionFileLoader(name, str(path))
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _build():
+    import torch
+
     name = _name()
     build_dir = _cache() / name
     built = build_dir / f"{name}.so"
-    if built.exists():
-        return _import(name, built)
+    if not built.exists():
+        _compile(name, build_dir)
+    torch.ops.load_library(str(built))  # registers the ops torch.ops.fastnca_cpu.*
+    return torch.ops.fastnca_cpu
+
+
+def _compile(name: str, build_dir: Path) -> None:
     # torch.utils.cpp_extension warns about CUDA_HOME on import; these kernels are CPU-only.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
@@ -86,18 +81,20 @@ def _build():
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
         lock.unlink(missing_ok=True)  # else torch waits on it forever
     print("fastnca: compiling the C++ CPU kernels (once, about 45 s)...", file=sys.stderr)
-    return cpp_extension.load(
+    cpp_extension.load(
         name,
         sources=[str(s) for s in _sources()],
         extra_cflags=_FLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
+        is_python_module=False,  # the sources register torch ops (TORCH_LIBRARY_FRAGMENT)
         verbose=False,
     )
 
 
 def kernels():
-    """The compiled module, or None (disabled, or the build failed: warned once)."""
+    """``torch.ops.fastnca_cpu`` (nca_forward/backward, perceive_forward/backward) once the
+    kernels are built and loaded, or None (disabled, or the build failed: warned once)."""
     if not enabled():
         return None
     if "module" not in _state:
@@ -126,7 +123,3 @@ def status() -> str:
         return "compiled" if _state["module"] is not None else f"unavailable ({_state['why']})"
     built = (_cache() / _name() / f"{_name()}.so").exists()
     return "built, not loaded yet" if built else "not built yet (the first CPU step builds them)"
-
-
-if __name__ == "__main__":  # python -m fastnca.ops._cpp_kernels: build now
-    print("C++ CPU kernels:", "compiled" if kernels() is not None else status())

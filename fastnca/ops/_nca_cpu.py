@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from fastnca._checks import acc_dtype
 from fastnca.ops._cpp_kernels import kernels
 from fastnca.ops._cpu_parallel import channel_parts, cores, n_parts, run_parts, split
-from fastnca.ops._stencil_cpu import adjoint_into, filter_taps, fold_circular, planes_into
+from fastnca.ops._stencil_cpu import (
+    adjoint_into,
+    filter_taps,
+    fold_circular,
+    planes_into,
+    taps_tensor,
+)
 from fastnca.reference import circular_pad1, update_mask
 
 
@@ -106,12 +112,10 @@ def _kernel_args(x, w1, w2, mask, filters):
     B, C, H, W = x.shape
     nf = filters.shape[0]
     w1p = w1.to(dt).view(-1, C, nf).transpose(1, 2).reshape(-1, w1.shape[1]).contiguous()
-    taps = [[f, a, e, v] for f, tf in enumerate(filter_taps(filters)) for a, e, v in tf]
     m = mask.reshape(B, H, W)
     m = (m if m.dtype == torch.bool else m.to(dt)).contiguous()
     rows = max(1, TILE_CELLS // W)
-    taps = torch.tensor(taps, dtype=torch.float64).reshape(-1, 4)
-    return dt, x.to(dt).contiguous(), w1p, w2.to(dt).contiguous(), m, taps, rows
+    return dt, x.to(dt).contiguous(), w1p, w2.to(dt).contiguous(), m, taps_tensor(filters), rows
 
 
 def _bias(b, dt):

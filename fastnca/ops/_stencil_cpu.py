@@ -32,6 +32,13 @@ def filter_taps(filters: torch.Tensor) -> Taps:
 DEFAULT_TAPS = filter_taps(DEFAULT_FILTERS)
 
 
+def taps_tensor(filters: torch.Tensor) -> torch.Tensor:
+    """The taps as the C++ kernels take them (kernels/stencil_cpu.h): (K, 4) float64 rows
+    (filter, row, column, value)."""
+    rows = [[f, a, e, v] for f, tf in enumerate(filter_taps(filters)) for a, e, v in tf]
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)
+
+
 def _default_planes(xp, outs):
     # xp: (..., H+2, W+2); outs: identity, sobel_x, sobel_y, laplacian views (..., H, W).
     ident, sx, sy, lap = outs

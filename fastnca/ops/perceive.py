@@ -3,8 +3,10 @@
 CUDA tensors run the Triton kernels of ``fastnca.kernels.perceive`` through the registered op
 ``torch.ops.fastnca.perceive`` (forward) / ``fastnca::perceive_backward`` (its adjoint), which
 ``torch.compile`` traces as user-defined Triton kernels. CPU tensors run ``fastnca::perceive_cpu``
-/ ``fastnca::perceive_cpu_backward``: each filter as streaming passes over shifted views of a
-padded copy. Other devices run a depthwise-convolution composite (one grouped
+/ ``fastnca::perceive_cpu_backward``: the C++ kernel of ``kernels/perceive_cpu.cpp`` (row blocks
+of each channel plane, all filters from one padded copy in cache) where it is built
+(``ops._cpp_kernels``), else each filter as streaming passes over shifted views of a padded copy.
+Other devices run a depthwise-convolution composite (one grouped
 conv2d on a circularly padded copy).
 """
 
@@ -22,7 +24,14 @@ except ImportError:
 from fastnca._checks import acc_dtype
 from fastnca.ops._backend import use_triton
 from fastnca.ops._checks import check_channels, check_filters, check_real_device, check_tensor
-from fastnca.ops._stencil_cpu import adjoint_into, filter_taps, fold_circular, planes_into
+from fastnca.ops._cpp_kernels import kernels
+from fastnca.ops._stencil_cpu import (
+    adjoint_into,
+    filter_taps,
+    fold_circular,
+    planes_into,
+    taps_tensor,
+)
 from fastnca.reference import DEFAULT_FILTERS, circular_pad1
 
 
@@ -62,17 +71,23 @@ def perceive_composite(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- CPU
-# Filters as streaming passes over shifted views (ops._stencil_cpu: about 3x faster than the
-# depthwise conv on one core). Each pass is one elementwise op over the whole batch, which torch
-# spreads over its own threads (parts on Python threads, as the step uses, measured slower here
-# right after another torch op: see docs/benchmarks.md). Custom ops, so that torch.compile keeps
-# them whole instead of re-deriving a slower graph.
+BLOCK_CELLS = 8192  # cells per row block of the C++ kernel
+# Without the C++ kernel: filters as streaming passes over shifted views (ops._stencil_cpu:
+# about 3x faster than the depthwise conv on one core). Each pass is one elementwise op over the
+# whole batch, which torch spreads over its own threads (parts on Python threads, as the step's
+# torch path uses, measured slower here right after another torch op: see docs/benchmarks.md).
+# Custom ops, so that torch.compile keeps them whole instead of re-deriving a slower graph.
 
 
 @torch.library.custom_op("fastnca::perceive_cpu", mutates_args=(), device_types="cpu")
 def _perceive_cpu_op(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     B, C, H, W = x.shape
-    dt, taps = acc_dtype(x.dtype), filter_taps(filters)
+    dt, k = acc_dtype(x.dtype), kernels()
+    if k is not None:
+        rows = max(1, BLOCK_CELLS // W)
+        out = k.perceive_forward(x.to(dt).contiguous(), taps_tensor(filters), len(filters), rows)
+        return out.to(x.dtype)
+    taps = filter_taps(filters)
     out = torch.empty((B, C, len(taps), H, W), dtype=dt)  # channel c*F + f = out[:, c, f]
     planes_into(circular_pad1(x.to(dt)), taps, [out[:, :, f] for f in range(len(taps))])
     return out.view(B, -1, H, W).to(x.dtype)
@@ -88,8 +103,13 @@ def _(x, filters):
 def _perceive_cpu_backward_op(grad_out: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     # dx = sum_f adjoint_f(grad[:, c*F + f]): taps scatter into a padded buffer, halo folded back.
     B, CF, H, W = grad_out.shape
+    dt, k = acc_dtype(grad_out.dtype), kernels()
+    if k is not None:
+        rows = max(1, BLOCK_CELLS // W)
+        g = grad_out.to(dt).contiguous()
+        return k.perceive_backward(g, taps_tensor(filters), len(filters), rows).to(grad_out.dtype)
     taps = filter_taps(filters)
-    C, dt = CF // len(taps), acc_dtype(grad_out.dtype)
+    C = CF // len(taps)
     g = grad_out.reshape(B, C, len(taps), H, W).to(dt)
     acc = torch.zeros((B, C, H + 2, W + 2), dtype=dt)
     adjoint_into(acc, [g[:, :, f] for f in range(len(taps))], taps)

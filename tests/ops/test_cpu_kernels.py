@@ -1,10 +1,12 @@
-"""The C++ CPU kernel of nca_step (kernels/nca_step_cpu.cpp, built by fastnca.ops._cpp_kernels):
-forward and gradients equal to the reference in float64 for tiles that do and do not divide the
-grid, grids narrower than a tile and one-cell grids, any filter bank, bool and float masks, with
-and without biases, at 1-3 threads; bitwise repeatable; float32 at the texture preset's size;
-and the loader: a built module is imported without compiling, a failed build warns once and the
+"""The C++ CPU kernels (kernels/nca_step_cpu.cpp, perceive_cpu.cpp, built by
+fastnca.ops._cpp_kernels): nca_step's forward and gradients equal to the reference in float64 for
+tiles that do and do not divide the grid, grids narrower than a tile and one-cell grids, any
+filter bank, bool and float masks, with and without biases, at 1-3 threads; bitwise repeatable;
+float32 at the texture preset's size; perceive's forward and adjoint in row blocks; and the
+loader: a built module is imported without compiling, a failed build warns once and the
 op falls back to its pure-torch path, FASTNCA_CPU_KERNELS=0 turns the kernel off."""
 
+import importlib
 import warnings
 
 import pytest
@@ -15,7 +17,11 @@ import fastnca.ops._cpp_kernels as cpp
 import fastnca.ops._nca_cpu as ncpu
 from fastnca import DEFAULT_FILTERS, DISTILL_FILTERS
 from fastnca.ops import nca_step
-from fastnca.reference import nca_step_ref
+from fastnca.reference import nca_step_ref, perceive_ref
+
+perc = importlib.import_module(
+    "fastnca.ops.perceive"
+)  # the module (fastnca.ops.perceive is the op)
 
 needs_kernels = pytest.mark.skipif(
     cpp.kernels() is None, reason=f"C++ CPU kernels unavailable: {cpp.status()}"
@@ -107,6 +113,25 @@ def test_kernel_float32_texture_size_and_repeatable(threads):
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(2, 3, 7, 5), (1, 2, 1, 4), (1, 1, 3, 1)])
+@pytest.mark.parametrize("nf", [4, 3])
+def test_perceive_kernel_row_blocks(threads, monkeypatch, shape, nf):
+    monkeypatch.setattr(perc, "BLOCK_CELLS", 10)  # two-row blocks: halos cross blocks
+    threads(2)
+    torch.manual_seed(5)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(nf, 3, 3, dtype=torch.float64)
+    k[-1, 0] = 0  # a row without taps
+    out = perc.perceive(x, k)
+    g = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, x, g)
+    want = perceive_ref(x, k)
+    (wdx,) = torch.autograd.grad(want, x, g)
+    torch.testing.assert_close(out, want, **TOL[torch.float64])
+    torch.testing.assert_close(dx, wdx, **TOL[torch.float64])
+
+
+@needs_kernels
 def test_kernel_and_torch_path_agree(monkeypatch):
     torch.manual_seed(3)
     args = _case(2, 4, 12, 12, hid=9, nf=4, mask_kind="float", bias=True)
@@ -152,5 +177,6 @@ def test_cache_folder_and_name_follow_the_source(monkeypatch, tmp_path):
     assert name.startswith("fastnca_cpu_") and name == cpp._name()
     src = tmp_path / "nca_step_cpu.cpp"
     src.write_text(cpp._sources()[0].read_text() + "\n// changed\n")
-    monkeypatch.setattr(cpp, "_sources", lambda: [src])
+    orig = cpp._sources
+    monkeypatch.setattr(cpp, "_sources", lambda names=cpp._SOURCES: [src] + orig(names)[1:])
     assert cpp._name() != name  # a changed source builds anew
