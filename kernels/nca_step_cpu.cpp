@@ -4,12 +4,13 @@
 //   the fired cells' columns Pc (NF*C, n) gathered from P,
 //   the MLP on them through ATen's GEMMs (MKL): h = relu(W1 Pc + b1), y = W2 h + b2,
 //   out = x + mask * y on the fired cells.
-// The backward recomputes P, Pc and h per tile, forms the weight gradients (per thread, summed in
-// thread order after the loop: deterministic for a given thread count), dPc = W1^T da, scatters
-// dPc into dense planes dP and applies the filters' adjoint into a padded tile accumulator whose
-// interior is the tile's dx (= g + adjoint) and whose two halo rows are added to the neighbouring
-// rows after the loop (they belong to other tiles). Tiles run in at::parallel_for on torch's
-// intra-op threads; ATen calls inside a parallel region run single-threaded.
+// The backward recomputes P, Pc and h per tile, forms the weight gradients (partial sums per
+// fixed group of tiles, added in group order after the loop: the same result at any thread
+// count), dPc = W1^T da, scatters dPc into dense planes dP and applies the filters' adjoint into a
+// padded tile accumulator whose interior is the tile's dx (= g + adjoint) and whose two halo rows
+// are added to the neighbouring rows after the loop (they belong to other tiles). Tiles (groups
+// in backward) go to whichever of torch's intra-op threads is free (parallel_dynamic); ATen calls
+// inside the parallel region run single-threaded.
 //
 // Shapes: x, g (B, C, H, W) contiguous; w1p (HID, NF*C) with columns in plane order f*C + c;
 // b1 (HID) or empty; w2 (C, HID); b2 (C) or empty; mask (B, H, W) bool or float (value = the
@@ -23,6 +24,8 @@ namespace {
 
 using fastnca::Tap;
 using fastnca::scratch;
+
+constexpr int64_t kGroups = 32;  // tile groups of the backward's weight-gradient partial sums
 
 struct Geom {
   int64_t B, C, H, W, NF, HID, R, tiles_per_image;
@@ -72,11 +75,22 @@ at::Tensor view(void* p, at::IntArrayRef shape, const at::TensorOptions& o) {
   return at::from_blob(p, shape, o);
 }
 
-// h (HID, n) = relu(w1p @ pc + b1)
-void hidden(at::Tensor& h, const at::Tensor& w1p, const at::Tensor& b1, const at::Tensor& pc) {
-  if (b1.defined() && b1.numel()) at::addmm_out(h, b1.unsqueeze(1), w1p, pc);
-  else at::mm_out(h, w1p, pc);
-  h.clamp_min_(0);
+// h (HID, n) = relu(w1p @ pc + b1): the GEMM, then bias and ReLU in one pass.
+template <typename T>
+void hidden(at::Tensor& h, const at::Tensor& w1p, const T* b1, const at::Tensor& pc) {
+  at::mm_out(h, w1p, pc);
+  const int64_t n = h.size(1);
+  T* hp = h.data_ptr<T>();
+  for (int64_t q = 0; q < h.size(0); ++q) {
+    const T b = b1 ? b1[q] : T(0);
+    T* r = hp + q * n;
+    for (int64_t t = 0; t < n; ++t) r[t] = std::max(r[t] + b, T(0));
+  }
+}
+
+template <typename T>
+const T* bias_ptr(const at::Tensor& b) {
+  return b.defined() && b.numel() ? b.data_ptr<T>() : nullptr;
 }
 
 Geom geometry(const at::Tensor& x, const at::Tensor& w1p, int64_t rows) {
@@ -94,13 +108,13 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w1p, const at::Tensor& 
   const int64_t C = g.C, H = g.H, W = g.W, R = g.R, FC = g.NF * C, cells = R * W;
   const T* xs = x.data_ptr<T>();
   T* os = out.data_ptr<T>();
-  at::parallel_for(0, g.B * g.tiles_per_image, 1, [&](int64_t begin, int64_t end) {
-    at::NoGradGuard no_grad;  // grad mode is per thread: the workers' own
+  const T *b1p = bias_ptr<T>(b1), *b2p = bias_ptr<T>(b2);
+  fastnca::parallel_dynamic(g.B * g.tiles_per_image, [&](int64_t tile) {
     T *xp = scratch<T>(0, C * (R + 2) * (W + 2)), *P = scratch<T>(1, FC * cells);
     T *Pc = scratch<T>(2, FC * cells), *hb = scratch<T>(3, g.HID * cells);
     T *yb = scratch<T>(4, C * cells), *val = scratch<T>(5, cells);
     int64_t* loc = scratch<int64_t>(0, cells);
-    for (int64_t tile = begin; tile < end; ++tile) {
+    {
       const int64_t b = tile / g.tiles_per_image, r0 = (tile % g.tiles_per_image) * R;
       const int64_t rb = std::min(R, H - r0);
       const T* xb = xs + b * C * H * W;
@@ -108,18 +122,18 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w1p, const at::Tensor& 
       for (int64_t c = 0; c < C; ++c)
         std::copy(xb + (c * H + r0) * W, xb + (c * H + r0 + rb) * W, ob + (c * H + r0) * W);
       const int64_t n = fired<T>(mask, g, b, r0, rb, loc, val);
-      if (n == 0) continue;
+      if (n == 0) return;
       tile_planes(xb, g, r0, rb, taps, xp, P);
       gather(P, FC, rb * W, loc, n, Pc);
       auto pc = view(Pc, {FC, n}, o), h = view(hb, {g.HID, n}, o);
       auto y = view(yb, {C, n}, o);
-      hidden(h, w1p, b1, pc);
-      if (b2.defined() && b2.numel()) at::addmm_out(y, b2.unsqueeze(1), w2, h);
-      else at::mm_out(y, w2, h);
-      for (int64_t c = 0; c < C; ++c) {
+      hidden(h, w1p, b1p, pc);
+      at::mm_out(y, w2, h);
+      for (int64_t c = 0; c < C; ++c) {  // out = x + mask * (y + b2) on the fired cells
         T* oc = ob + (c * H + r0) * W;
         const T* yc = yb + c * n;
-        for (int64_t t = 0; t < n; ++t) oc[loc[t]] += yc[t] * val[t];
+        const T bc = b2p ? b2p[c] : T(0);
+        for (int64_t t = 0; t < n; ++t) oc[loc[t]] += (yc[t] + bc) * val[t];
       }
     }
   });
@@ -136,15 +150,17 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   const T* xs = x.data_ptr<T>();
   const T* gs = grad.data_ptr<T>();
   T* dxs = dx.data_ptr<T>();
-  // Per-thread weight gradients (dW1p, db1, dW2, db2), summed in thread order below.
-  const int nt = at::get_num_threads();
-  auto part = at::zeros({nt, HID * FC + HID + C * HID + C}, o);
+  // Weight gradients per group of consecutive tiles (summed in tile order inside a group, groups
+  // summed in order below): the same sums whatever thread ran a group, and however many threads.
+  const int64_t per_group = (ntiles + kGroups - 1) / kGroups;
+  const int64_t ngroups = (ntiles + per_group - 1) / per_group;
+  auto part = at::zeros({ngroups, HID * FC + HID + C * HID + C}, o);
+  const T* b1p = bias_ptr<T>(b1);
   auto halos = at::empty({ntiles, 2, C, W}, o);  // top and bottom halo rows of each tile's dx
   T* hs = halos.data_ptr<T>();
   const auto w1t = w1p.t().contiguous(), w2t = w2.t().contiguous();
-  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
-    at::NoGradGuard no_grad;
-    auto slot = part[at::get_thread_num()];
+  fastnca::parallel_dynamic(ngroups, [&](int64_t group) {
+    auto slot = part[group];
     auto dw1 = slot.narrow(0, 0, HID * FC).view({HID, FC});
     auto db1 = slot.narrow(0, HID * FC, HID);
     auto dw2 = slot.narrow(0, HID * FC + HID, C * HID).view({C, HID});
@@ -154,7 +170,8 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
     T *gyb = scratch<T>(4, C * cells), *val = scratch<T>(5, cells), *dab = scratch<T>(6, HID * cells);
     T *dpcb = scratch<T>(7, FC * cells), *acc = scratch<T>(8, C * (R + 2) * Wp);
     int64_t* loc = scratch<int64_t>(0, cells);
-    for (int64_t tile = begin; tile < end; ++tile) {
+    for (int64_t tile = group * per_group; tile < std::min(ntiles, (group + 1) * per_group);
+         ++tile) {
       const int64_t b = tile / g.tiles_per_image, r0 = (tile % g.tiles_per_image) * R;
       const int64_t rb = std::min(R, H - r0);
       const T* xb = xs + b * C * H * W;
@@ -165,7 +182,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
         tile_planes(xb, g, r0, rb, taps, xp, P);
         gather(P, FC, rb * W, loc, n, Pc);
         auto pc = view(Pc, {FC, n}, o), h = view(hb, {HID, n}, o);
-        hidden(h, w1p, b1, pc);
+        hidden(h, w1p, b1p, pc);
         for (int64_t c = 0; c < C; ++c) {  // gy = mask * g on the fired cells
           const T* gc = gb + (c * H + r0) * W;
           T* d = gyb + c * n;
@@ -214,7 +231,8 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
         for (int64_t j = 0; j < W; ++j) d[j] += hr[j];
       }
   }
-  auto total = part.sum(0);  // thread order: deterministic
+  auto total = at::zeros({part.size(1)}, o);  // the groups in order
+  for (int64_t q = 0; q < ngroups; ++q) total.add_(part[q]);
   grads = {total.narrow(0, 0, HID * FC).view({HID, FC}).clone(),
            total.narrow(0, HID * FC, HID).clone(),
            total.narrow(0, HID * FC + HID, C * HID).view({C, HID}).clone(),

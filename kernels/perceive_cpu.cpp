@@ -1,5 +1,5 @@
 // perceive on CPU: every channel plane through every filter, circular padding, forward and
-// adjoint. Work items are blocks of R rows of one channel plane (at::parallel_for on torch's
+// adjoint. Work items are blocks of R rows of one channel plane (parallel_dynamic on torch's
 // intra-op threads); a block pads its rows once and writes all filters' rows from them while they
 // sit in L1, so x is read once and each output plane written once.
 //
@@ -20,13 +20,11 @@ void forward_impl(const at::Tensor& x, const std::vector<fastnca::Tap>& taps, in
   const int64_t blocks = (H + R - 1) / R;
   const T* xs = x.data_ptr<T>();
   T* os = out.data_ptr<T>();
-  at::parallel_for(0, B * C * blocks, 1, [&](int64_t begin, int64_t end) {
+  fastnca::parallel_dynamic(B * C * blocks, [&](int64_t task) {
     T* xp = scratch<T>(0, (R + 2) * (W + 2));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t plane = task / blocks, r0 = (task % blocks) * R, rb = std::min(R, H - r0);
-      fastnca::pad_rows(xs + plane * H * W, H, W, r0, rb, xp);
-      fastnca::filter_rows(xp, rb, W, nf, taps, os + plane * nf * H * W + r0 * W, H * W);
-    }
+    const int64_t plane = task / blocks, r0 = (task % blocks) * R, rb = std::min(R, H - r0);
+    fastnca::pad_rows(xs + plane * H * W, H, W, r0, rb, xp);
+    fastnca::filter_rows(xp, rb, W, nf, taps, os + plane * nf * H * W + r0 * W, H * W);
   });
 }
 
@@ -39,20 +37,19 @@ void backward_impl(const at::Tensor& g, const std::vector<fastnca::Tap>& taps, i
   T* ds = dx.data_ptr<T>();
   auto halos = at::empty({ntasks, 2, W}, dx.options());  // each block's two halo rows
   T* hs = halos.data_ptr<T>();
-  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+  fastnca::parallel_dynamic(ntasks, [&](int64_t task) {
     T* acc = scratch<T>(1, (R + 2) * (W + 2));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t plane = task / blocks, r0 = (task % blocks) * R, rb = std::min(R, H - r0);
-      std::fill(acc, acc + (rb + 2) * (W + 2), T(0));
-      fastnca::adjoint_rows(gs + plane * nf * H * W + r0 * W, H * W, rb, W, taps, acc);
-      fastnca::fold_columns(acc, rb + 2, W);
-      for (int64_t r = 0; r < rb; ++r) {
-        const T* a = acc + (r + 1) * (W + 2) + 1;
-        std::copy(a, a + W, ds + (plane * H + r0 + r) * W);
-      }
-      std::copy(acc + 1, acc + 1 + W, hs + task * 2 * W);
-      std::copy(acc + (rb + 1) * (W + 2) + 1, acc + (rb + 1) * (W + 2) + 1 + W, hs + (task * 2 + 1) * W);
+    const int64_t plane = task / blocks, r0 = (task % blocks) * R, rb = std::min(R, H - r0);
+    std::fill(acc, acc + (rb + 2) * (W + 2), T(0));
+    fastnca::adjoint_rows(gs + plane * nf * H * W + r0 * W, H * W, rb, W, taps, acc);
+    fastnca::fold_columns(acc, rb + 2, W);
+    for (int64_t r = 0; r < rb; ++r) {
+      const T* a = acc + (r + 1) * (W + 2) + 1;
+      std::copy(a, a + W, ds + (plane * H + r0 + r) * W);
     }
+    const T* bottom = acc + (rb + 1) * (W + 2) + 1;
+    std::copy(acc + 1, acc + 1 + W, hs + task * 2 * W);
+    std::copy(bottom, bottom + W, hs + (task * 2 + 1) * W);
   });
   for (int64_t task = 0; task < ntasks; ++task) {  // halo rows onto their rows, in order
     const int64_t plane = task / blocks, r0 = (task % blocks) * R;

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 namespace fastnca {
@@ -34,6 +35,17 @@ T* scratch(int slot, int64_t n) {
   static thread_local std::vector<T> bufs[12];
   if (int64_t(bufs[slot].size()) < n) bufs[slot].resize(n);
   return bufs[slot].data();
+}
+
+// Runs fn(i) for i in [0, n) on torch's intra-op threads, handing out the next i to whichever
+// thread is free (a slow or preempted thread does not hold the others up at the end).
+template <typename F>
+void parallel_dynamic(int64_t n, const F& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    at::NoGradGuard no_grad;  // grad mode is per thread: the workers' own
+    for (int64_t i = next++; i < n; i = next++) fn(i);
+  });
 }
 
 // xp (rb+2, W+2) <- rows r0-1 .. r0+rb of the plane x (H, W), circular in both dims.

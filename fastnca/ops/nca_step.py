@@ -7,12 +7,14 @@ recomputes perception and hidden activations); with step options, ``fastnca::nca
 ``fastnca::nca_step_options_backward`` (zero padding and clips in the kernels, the rotated bank
 from the host, alive masking as two max-pools around the kernel; backward keeps x, the update
 mask and the alive mask). CPU tensors run ``fastnca::nca_step_cpu`` /
-``fastnca::nca_step_cpu_backward``: composites that evaluate the MLP only on the cells that fire
-(about ``fire_rate`` of them: resting cells are copied, so their update is never needed, forward or
-backward), in cache-sized blocks of cells. They are custom ops so that ``torch.compile`` keeps them
-whole: a dense composite fused by inductor measured about 2x slower per step (every cell through
-the MLP: 100 vs 47 ms at (4, 12, 128, 128), one thread), and a custom autograd.Function traced by
-compile had its hidden activations saved by the partitioner (~470 B per cell). Every path keeps
+``fastnca::nca_step_cpu_backward``, which evaluate the MLP only on the cells that fire (about
+``fire_rate`` of them: resting cells are copied, so their update is never needed, forward or
+backward): the C++ kernel of ``kernels/nca_step_cpu.cpp`` (tiles of rows fused in cache) where it
+is built, else torch composites in cache-sized blocks of cells. They are custom ops so that
+``torch.compile`` keeps them whole: a dense composite fused by inductor measured about 2x slower
+per step (every cell through the MLP: 100 vs 47 ms at (4, 12, 128, 128), one thread), and a
+custom autograd.Function traced by compile had its hidden activations saved by the partitioner
+(~470 B per cell). Every path keeps
 only ``x`` and the mask (plus the shared weights) for backward and recomputes the rest. Other
 devices run the dense composite under activation checkpointing.
 

@@ -99,6 +99,7 @@ def test_kernel_banks_masks_biases(threads, monkeypatch, mask_kind, nf, bias):
 
 @needs_kernels
 def test_kernel_float32_texture_size_and_repeatable(threads):
+    # 2x64x64 grids: 4 tiles
     threads(2)
     torch.manual_seed(2)
     kw = dict(mask_kind="bool", bias=True, dtype=torch.float32, scale=0.1)  # a trained net's scale
@@ -107,9 +108,16 @@ def test_kernel_float32_texture_size_and_repeatable(threads):
     out, grads = _check(args, TOL[torch.float32])
     torch.manual_seed(3)  # the same incoming gradient
     again, grads2 = _check(args, TOL[torch.float32])
-    assert torch.equal(out, again)  # same thread count: bitwise the same
+    assert torch.equal(out, again)  # bitwise the same, run to run
     for a, b in zip(grads, grads2, strict=True):
         assert torch.equal(a, b)
+    for n in (1, 3):  # and at any thread count (weight gradients: fixed tile groups)
+        threads(n)
+        torch.manual_seed(3)
+        out3, grads3 = _check(args, TOL[torch.float32])
+        assert torch.equal(out, out3)
+        for a, b in zip(grads, grads3, strict=True):
+            assert torch.equal(a, b)
 
 
 @needs_kernels
