@@ -130,3 +130,12 @@ def test_modules_stay_small():
         > (MAX_KERNEL_LINES if m.startswith("fastnca.kernels.") else MAX_LINES)
     }
     assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def test_cpp_kernels_stay_small():
+    # The C++ CPU kernels (one op per file, shared stencil helpers in a header) obey the kernel
+    # limit too.
+    files = sorted(KERNELS.glob("*.cpp")) + sorted(KERNELS.glob("*.h"))
+    assert {f.name for f in files} >= {"nca_step_cpu.cpp", "perceive_cpu.cpp", "stencil_cpu.h"}
+    big = {f.name: n for f in files if (n := len(f.read_text().splitlines())) > MAX_KERNEL_LINES}
+    assert not big, f"C++ kernel files over {MAX_KERNEL_LINES} lines: {big}"

@@ -40,10 +40,10 @@ AMP_MODES = ("none", "bf16")
 # Presets. "lesson": the fast.ai lesson's NCA notebook; "texture": Self-Organising Textures
 # (Distill 2021: 12 channels, 96 hidden, filters /8, lr 1e-3 x0.3 at 2000, reseed every 8);
 # "quick": chosen by measurement on a 2-core CPU: 64x64 grids, 8 channels, 32 hidden,
-# 16-32 steps, 800 iterations, one thread (`fastnca train --iters 60 --threads 1|2`: 0.36 s per
-# iteration on one thread, 0.38-0.47 s on two: these small tensors gain nothing from a second
-# core), the colourful 'stripes' texture, per-layer relative style loss (the same
-# weights work for pretrained VGG and the offline fallback): ~200 s of CPU, 4.5 min wall there.
+# 16-32 steps, 800 iterations, every core (threads=0: torch's own count; `fastnca train --iters
+# 60 --threads 1|2` with the C++ CPU kernels: 0.22-0.25 s per iteration on one thread, 0.14-0.19
+# s on two), the colourful 'stripes' texture, per-layer relative style loss (the same
+# weights work for pretrained VGG and the offline fallback): 2.5 min wall there (800 iterations).
 PRESETS: dict[str, dict] = {
     "quick": {},  # the TrainConfig defaults below
     "lesson": dict(
@@ -147,7 +147,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"
     compile: bool = False
-    threads: int = 1  # torch CPU threads during training (0: leave torch's setting)
+    threads: int = 0  # torch CPU threads during training (0: leave torch's setting, every core)
     seed: int = 0
     save_every: int = 500  # iterations between checkpoints (0: only at the end)
     style: str | None = None  # the style image file, or None for a built-in texture
