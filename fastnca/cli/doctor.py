@@ -18,21 +18,31 @@ import os
 import platform
 
 OPS = ("perceive", "nca_step", "gram", "style_loss")
-# The CPU custom ops (fastnca/ops/_nca_cpu.py, perceive.py) and what they do.
+# The CPU custom ops (fastnca/ops/_nca_cpu.py, perceive.py): what they run with the C++ CPU
+# kernels (fastnca/ops/_cpp_kernels.py) and without them.
 CPU_OPS = {
-    "perceive": "CPU op fastnca::perceive_cpu: streaming stencil passes",
-    "nca_step": "CPU op fastnca::nca_step_cpu: the MLP on fired cells only",
+    "perceive": (
+        "CPU op fastnca::perceive_cpu",
+        "C++ kernel (row blocks of each plane in cache)",
+        "streaming stencil passes",
+    ),
+    "nca_step": (
+        "CPU op fastnca::nca_step_cpu: the MLP on fired cells only",
+        "C++ kernel (tiles of rows fused in cache)",
+        "torch parts",
+    ),
 }
 
 
-def _nca_step_cpu() -> str:
-    # Which CPU path nca_step takes: the C++ kernel (fastnca/ops/_cpp_kernels.py) when built.
+def _cpu_paths() -> dict[str, str]:
     from fastnca.ops import _cpp_kernels
 
-    k = _cpp_kernels.kernels()
-    if k is not None:
-        return CPU_OPS["nca_step"] + ", C++ kernel (tiles of rows fused in cache)"
-    return CPU_OPS["nca_step"] + f", torch parts (C++ kernel {_cpp_kernels.status()})"
+    built = _cpp_kernels.kernels() is not None
+    why = "" if built else f" (C++ kernels {_cpp_kernels.status()})"
+    return {
+        op: f"{what}, {cpp if built else torch_path}{why}"
+        for op, (what, cpp, torch_path) in CPU_OPS.items()
+    }
 
 
 def add_parser(sub):
@@ -119,7 +129,7 @@ def collect(compile_missing: bool = False) -> dict:
             d["ops"] = {op: {"path": path, "why": dec.reason} for op in OPS}
             if dev.type == "cpu" and not dec.triton:
                 n = torch.get_num_threads()
-                for op, what in {**CPU_OPS, "nca_step": _nca_step_cpu()}.items():
+                for op, what in _cpu_paths().items():
                     d["ops"][op]["why"] = f"{what}, {n} thread{'s' * (n > 1)}"
             d["ops_note"] = "float64 gram/style_loss always take the torch composite"
         except (RuntimeError, ValueError) as e:

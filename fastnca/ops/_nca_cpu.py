@@ -245,10 +245,13 @@ def _backward(grad, x, w1, b1, w2, mask, filters):
     tags=(torch.Tag.nondeterministic_seeded,),
 )
 def _update_mask_cpu(x: torch.Tensor, fire_rate: float) -> torch.Tensor:
-    # update_mask drawn single-threaded inside the step's hold on the cores (ops._cpu_parallel):
-    # an OpenMP team started here would still spin on the cores the step's parts are about to
-    # use. A custom op so that torch.compile calls it too (same generator, same masks as eager)
-    # instead of drawing with inductor's own random numbers on every thread.
+    # update_mask, as a custom op so that torch.compile calls it too (same generator, same masks
+    # as eager) instead of drawing with inductor's own random numbers on every thread. On the
+    # pure-torch path it is drawn single-threaded inside the step's hold on the cores
+    # (ops._cpu_parallel): an OpenMP team started here would still spin on the cores the step's
+    # parts are about to use. The C++ kernel runs on torch's own threads: nothing to hold.
+    if kernels() is not None:
+        return update_mask(x, fire_rate)
     with cores(x[:, 0].numel()):
         return update_mask(x, fire_rate)
 

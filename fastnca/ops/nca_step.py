@@ -43,6 +43,7 @@ from fastnca.ops._checks import (
     check_same_device,
     check_tensor,
 )
+from fastnca.ops._cpp_kernels import kernels
 from fastnca.ops._cpu_parallel import MIN_GRID
 from fastnca.ops._nca_cpu import _acc, _cpu_backward, _cpu_forward, _update_mask_cpu
 from fastnca.ops.nca_step_options import (
@@ -364,11 +365,13 @@ def nca_step(
             f"dot_precision must be None or one of {DOT_PRECISIONS}, got {dot_precision!r}"
         )
     if mask is None:
-        # On CPU through the mask op when it matters (a grid the step splits, or a traced step:
-        # the same masks as eager); a small eager grid skips its ~0.2 ms of op dispatch.
+        # On CPU through the mask op when it matters (a traced step: the same masks as eager; a
+        # grid the pure-torch step splits: drawn inside its hold on the cores); otherwise drawn
+        # directly, which skips the op's ~0.2 ms of dispatch.
         cpu = x.device.type == "cpu"
-        big = torch.compiler.is_compiling() or x[:, 0].numel() >= MIN_GRID
-        mask = _update_mask_cpu(x.detach(), fire_rate) if cpu and big else update_mask(x, fire_rate)
+        traced = torch.compiler.is_compiling()  # (kernels() is not traced: checked after it)
+        op = cpu and (traced or (x[:, 0].numel() >= MIN_GRID and kernels() is None))
+        mask = _update_mask_cpu(x.detach(), fire_rate) if op else update_mask(x, fire_rate)
     if (
         padding != "circular"
         or alive_threshold is not None

@@ -188,3 +188,20 @@ def test_cache_folder_and_name_follow_the_source(monkeypatch, tmp_path):
     orig = cpp._sources
     monkeypatch.setattr(cpp, "_sources", lambda names=cpp._SOURCES: [src] + orig(names)[1:])
     assert cpp._name() != name  # a changed source builds anew
+
+
+def test_doctor_names_the_cpu_path(monkeypatch):
+    from fastnca.cli import doctor
+
+    monkeypatch.setenv("FASTNCA_BACKEND", "torch")
+    built = cpp.kernels() is not None
+    ops = doctor.collect()["devices"][0]["ops"]
+    assert ("C++ kernel" in ops["nca_step"]["why"]) == built
+    assert ("C++ kernel" in ops["perceive"]["why"]) == built
+    monkeypatch.setenv("FASTNCA_CPU_KERNELS", "0")
+    ops = doctor.collect()["devices"][0]["ops"]
+    assert (
+        "torch parts" in ops["nca_step"]["why"]
+        and "FASTNCA_CPU_KERNELS=0" in ops["nca_step"]["why"]
+    )
+    assert "streaming stencil passes" in ops["perceive"]["why"]
