@@ -89,6 +89,19 @@ def assert_rounded(got, exact, mag, n, acc=torch.float32, name="output", rel=0.0
         )
 
 
+def assert_perceive_matches_ref(op, x, k):
+    """op(x, k) and its gradient equal fastnca.reference.perceive_ref's (float64 tolerance)."""
+    from fastnca.reference import perceive_ref
+
+    out = op(x, k)
+    g = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, x, g)
+    want = perceive_ref(x, k)
+    (wdx,) = torch.autograd.grad(want, x, g)
+    torch.testing.assert_close(out, want, **TOL[torch.float64])
+    torch.testing.assert_close(dx, wdx, **TOL[torch.float64])
+
+
 def nan_like(shape, dtype, device="cpu"):
     """Output buffer filled with NaN, so a cell a kernel never writes fails the comparison."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

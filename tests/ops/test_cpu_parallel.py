@@ -8,14 +8,14 @@ import threading
 
 import pytest
 import torch
-from conftest import TOL
+from conftest import TOL, assert_perceive_matches_ref
 
 import fastnca.ops._cpu_parallel as par
 import fastnca.ops._nca_cpu as ncpu
 from fastnca import DEFAULT_FILTERS, DISTILL_FILTERS, NCA
 from fastnca.ops import nca_step
 from fastnca.ops.perceive import perceive
-from fastnca.reference import nca_step_ref, perceive_ref
+from fastnca.reference import nca_step_ref
 
 
 @pytest.fixture
@@ -127,13 +127,7 @@ def test_perceive_parts_match_reference(threads3, nf):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, 3, dtype=torch.float64, requires_grad=True)
     k = DEFAULT_FILTERS.double() if nf == 4 else torch.randn(nf, 3, 3, dtype=torch.float64)
-    out = perceive(x, k)
-    g = torch.randn_like(out)
-    (dx,) = torch.autograd.grad(out, x, g)
-    want = perceive_ref(x, k)
-    (wdx,) = torch.autograd.grad(want, x, g)
-    torch.testing.assert_close(out, want, **TOL[torch.float64])
-    torch.testing.assert_close(dx, wdx, **TOL[torch.float64])
+    assert_perceive_matches_ref(perceive, x, k)
 
 
 def test_step_without_mask_compiles_fullgraph():
