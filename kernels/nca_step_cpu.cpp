@@ -114,27 +114,25 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w1p, const at::Tensor& 
     T *Pc = scratch<T>(2, FC * cells), *hb = scratch<T>(3, g.HID * cells);
     T *yb = scratch<T>(4, C * cells), *val = scratch<T>(5, cells);
     int64_t* loc = scratch<int64_t>(0, cells);
-    {
-      const int64_t b = tile / g.tiles_per_image, r0 = (tile % g.tiles_per_image) * R;
-      const int64_t rb = std::min(R, H - r0);
-      const T* xb = xs + b * C * H * W;
-      T* ob = os + b * C * H * W;
-      for (int64_t c = 0; c < C; ++c)
-        std::copy(xb + (c * H + r0) * W, xb + (c * H + r0 + rb) * W, ob + (c * H + r0) * W);
-      const int64_t n = fired<T>(mask, g, b, r0, rb, loc, val);
-      if (n == 0) return;
-      tile_planes(xb, g, r0, rb, taps, xp, P);
-      gather(P, FC, rb * W, loc, n, Pc);
-      auto pc = view(Pc, {FC, n}, o), h = view(hb, {g.HID, n}, o);
-      auto y = view(yb, {C, n}, o);
-      hidden(h, w1p, b1p, pc);
-      at::mm_out(y, w2, h);
-      for (int64_t c = 0; c < C; ++c) {  // out = x + mask * (y + b2) on the fired cells
-        T* oc = ob + (c * H + r0) * W;
-        const T* yc = yb + c * n;
-        const T bc = b2p ? b2p[c] : T(0);
-        for (int64_t t = 0; t < n; ++t) oc[loc[t]] += (yc[t] + bc) * val[t];
-      }
+    const int64_t b = tile / g.tiles_per_image, r0 = (tile % g.tiles_per_image) * R;
+    const int64_t rb = std::min(R, H - r0);
+    const T* xb = xs + b * C * H * W;
+    T* ob = os + b * C * H * W;
+    for (int64_t c = 0; c < C; ++c)
+      std::copy(xb + (c * H + r0) * W, xb + (c * H + r0 + rb) * W, ob + (c * H + r0) * W);
+    const int64_t n = fired<T>(mask, g, b, r0, rb, loc, val);
+    if (n == 0) return;
+    tile_planes(xb, g, r0, rb, taps, xp, P);
+    gather(P, FC, rb * W, loc, n, Pc);
+    auto pc = view(Pc, {FC, n}, o), h = view(hb, {g.HID, n}, o);
+    auto y = view(yb, {C, n}, o);
+    hidden(h, w1p, b1p, pc);
+    at::mm_out(y, w2, h);
+    for (int64_t c = 0; c < C; ++c) {  // out = x + mask * (y + b2) on the fired cells
+      T* oc = ob + (c * H + r0) * W;
+      const T* yc = yb + c * n;
+      const T bc = b2p ? b2p[c] : T(0);
+      for (int64_t t = 0; t < n; ++t) oc[loc[t]] += (yc[t] + bc) * val[t];
     }
   });
 }
