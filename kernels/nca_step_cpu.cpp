@@ -221,13 +221,9 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   });
   for (int64_t tile = 0; tile < ntiles; ++tile) {  // halo rows onto their rows, in tile order
     const int64_t b = tile / g.tiles_per_image, r0 = (tile % g.tiles_per_image) * R;
-    const int64_t rows[2] = {(r0 - 1 + H) % H, (std::min(r0 + R, H)) % H};
-    for (int s = 0; s < 2; ++s)
-      for (int64_t c = 0; c < C; ++c) {
-        T* d = dxs + ((b * C + c) * H + rows[s]) * W;
-        const T* hr = hs + ((tile * 2 + s) * C + c) * W;
-        for (int64_t j = 0; j < W; ++j) d[j] += hr[j];
-      }
+    for (int64_t c = 0; c < C; ++c)
+      fastnca::add_halo_rows(dxs + (b * C + c) * H * W, H, W, r0, std::min(R, H - r0),
+                             hs + (tile * 2 * C + c) * W, hs + ((tile * 2 + 1) * C + c) * W);
   }
   auto total = at::zeros({part.size(1)}, o);  // the groups in order
   for (int64_t q = 0; q < ngroups; ++q) total.add_(part[q]);

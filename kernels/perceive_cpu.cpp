@@ -53,12 +53,8 @@ void backward_impl(const at::Tensor& g, const std::vector<fastnca::Tap>& taps, i
   });
   for (int64_t task = 0; task < ntasks; ++task) {  // halo rows onto their rows, in order
     const int64_t plane = task / blocks, r0 = (task % blocks) * R;
-    const int64_t rows[2] = {(r0 - 1 + H) % H, std::min(r0 + R, H) % H};
-    for (int s = 0; s < 2; ++s) {
-      T* d = ds + (plane * H + rows[s]) * W;
-      const T* h = hs + (task * 2 + s) * W;
-      for (int64_t j = 0; j < W; ++j) d[j] += h[j];
-    }
+    fastnca::add_halo_rows(ds + plane * H * W, H, W, r0, std::min(R, H - r0), hs + task * 2 * W,
+                           hs + (task * 2 + 1) * W);
   }
 }
 

@@ -102,4 +102,15 @@ void fold_columns(T* acc, int64_t rows, int64_t W) {
   }
 }
 
+// The adjoint of the circular padding, part 2: the halo rows top and bottom (W each) of the
+// block at rows r0 .. r0+rb-1 of the plane (H, W) added to the rows they stand for.
+template <typename T>
+void add_halo_rows(T* plane, int64_t H, int64_t W, int64_t r0, int64_t rb, const T* top,
+                   const T* bottom) {
+  T* up = plane + (r0 - 1 + H) % H * W;
+  T* down = plane + (r0 + rb) % H * W;
+  for (int64_t j = 0; j < W; ++j) up[j] += top[j];
+  for (int64_t j = 0; j < W; ++j) down[j] += bottom[j];
+}
+
 }  // namespace fastnca

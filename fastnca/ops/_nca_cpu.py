@@ -8,6 +8,8 @@ path below (whole-grid passes, parts on Python threads)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +71,17 @@ def _acc(t):
     return acc_dtype(t.dtype)
 
 
+def _planes_order(w1, C, nf, dt):
+    # w1 (HID, C*nf), columns c*nf + f (perceive's channel order) -> (HID, nf*C) in dt, columns
+    # f*C + c: the row order of the perception planes.
+    return w1.to(dt).view(-1, C, nf).transpose(1, 2).reshape(-1, nf * C)
+
+
+def _channel_order(dw1p, C, nf, shape):
+    # The inverse, for a weight gradient: (HID, nf*C) -> w1's ``shape`` (columns c*nf + f).
+    return dw1p.view(-1, nf, C).transpose(1, 2).reshape(shape)
+
+
 # ------------------------------------------- the plain step on CPU: the MLP on fired cells only
 
 
@@ -78,7 +91,7 @@ def _setup(x, w1, b1, w2, mask, filters):
     dt = _acc(x)
     B, C, H, W = x.shape
     idx, vals = _fired(mask, dt)
-    w1p = w1.to(dt).view(-1, C, filters.shape[0]).transpose(1, 2).reshape(-1, w1.shape[1])
+    w1p = _planes_order(w1, C, filters.shape[0], dt)
     b1c = None if b1 is None else b1.to(dt)[:, None]
     xt = x.to(dt).transpose(0, 1)
     return dt, filter_taps(filters), idx, torch.remainder(idx, H * W), vals, w1p, b1c, w2.to(dt), xt
@@ -111,7 +124,7 @@ def _kernel_args(x, w1, w2, mask, filters):
     dt = _acc(x)
     B, C, H, W = x.shape
     nf = filters.shape[0]
-    w1p = w1.to(dt).view(-1, C, nf).transpose(1, 2).reshape(-1, w1.shape[1]).contiguous()
+    w1p = _planes_order(w1, C, nf, dt).contiguous()
     m = mask.reshape(B, H, W)
     m = (m if m.dtype == torch.bool else m.to(dt)).contiguous()
     rows = max(1, TILE_CELLS // W)
@@ -171,7 +184,7 @@ def _cpu_backward(grad, x, w1, b1, w2, mask, filters):
         dt, xc, w1p, w2c, m, taps, rows = _kernel_args(x, w1, w2, mask, filters)
         g = grad.to(dt).contiguous()
         dx, dw1p, db1, dw2, db2 = k.nca_backward(g, xc, w1p, _bias(b1, dt), w2c, m, taps, rows)
-        dw1 = dw1p.view(-1, filters.shape[0], x.shape[1]).transpose(1, 2).reshape(w1.shape)
+        dw1 = _channel_order(dw1p, x.shape[1], filters.shape[0], w1.shape)
         return dx.to(grad.dtype), dw1, db1, dw2, db2
     with cores(x[:, 0].numel()):
         return _backward(grad, x, w1, b1, w2, mask, filters)
@@ -234,7 +247,7 @@ def _backward(grad, x, w1, b1, w2, mask, filters):
     dx = torch.empty((B, C, H, W), dtype=grad.dtype)
     run_parts(adjoint, len(cparts))
     dw1p, db1, dw2, db2 = grads
-    dw1 = dw1p.view(-1, NF, C).transpose(1, 2).reshape(w1.shape)
+    dw1 = _channel_order(dw1p, C, NF, w1.shape)
     return dx, dw1, db1, dw2, db2
 
 
@@ -250,9 +263,7 @@ def _update_mask_cpu(x: torch.Tensor, fire_rate: float) -> torch.Tensor:
     # pure-torch path it is drawn single-threaded inside the step's hold on the cores
     # (ops._cpu_parallel): an OpenMP team started here would still spin on the cores the step's
     # parts are about to use. The C++ kernel runs on torch's own threads: nothing to hold.
-    if kernels() is not None:
-        return update_mask(x, fire_rate)
-    with cores(x[:, 0].numel()):
+    with nullcontext() if kernels() is not None else cores(x[:, 0].numel()):
         return update_mask(x, fire_rate)
 
 

@@ -14,9 +14,8 @@ is built, else torch composites in cache-sized blocks of cells. They are custom 
 ``torch.compile`` keeps them whole: a dense composite fused by inductor measured about 2x slower
 per step (every cell through the MLP: 100 vs 47 ms at (4, 12, 128, 128), one thread), and a
 custom autograd.Function traced by compile had its hidden activations saved by the partitioner
-(~470 B per cell). Every path keeps
-only ``x`` and the mask (plus the shared weights) for backward and recomputes the rest. Other
-devices run the dense composite under activation checkpointing.
+(~470 B per cell). Every path keeps only ``x`` and the mask (plus the shared weights) for backward
+and recomputes the rest. Other devices run the dense composite under activation checkpointing.
 
 Semantics (all paths): ``out = x + y * mask`` on cells whose mask is non-zero, ``out = x``
 elsewhere, with ``y = w2 relu(w1 perceive(x) + b1) + b2``. This is the lesson's ``x + y * mask``

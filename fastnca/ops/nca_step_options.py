@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from fastnca.ops._nca_cpu import _acc, _adjoint_planes, _chunk, _fired, _perceive_planes
+from fastnca.ops._nca_cpu import (
+    _acc,
+    _adjoint_planes,
+    _channel_order,
+    _chunk,
+    _fired,
+    _perceive_planes,
+    _planes_order,
+)
 from fastnca.ops._stencil_cpu import filter_taps
 from fastnca.reference import CLIP_KEYS, circular_pad1, perceive_shifts, rotate_filters
 
@@ -139,7 +147,7 @@ def _forward(x, w1, b1, w2, b2, mask, filters, zero_pad, thr, ch, clip):
         near = alive_mask(pre.to(dt), 0.5, zero_pad)[:, None]
         mask = mask & near if mask.dtype == torch.bool else mask * near
     idx, vals = _fired(mask, dt)
-    w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)  # columns f*C + c
+    w1p = _planes_order(w1, C, NF, dt)  # columns f*C + c
     p = _perceive_planes(xd, taps, zero_pad).view(NF * C, N)
     out = torch.empty((C, B, H, W), dtype=dt)
     out.copy_(xd.transpose(0, 1))
@@ -179,7 +187,7 @@ def _backward(grad, x, w1, b1, w2, b2, mask, alive, filters, zero_pad, clip):
     if alive.numel():  # cells the alive mask zeroes get no gradient: skip their MLP
         mask = mask & alive if mask.dtype == torch.bool else mask * alive
     idx, vals = _fired(mask, dt)
-    w1p = w1.to(dt).view(-1, C, NF).transpose(1, 2).reshape(-1, NF * C)
+    w1p = _planes_order(w1, C, NF, dt)
     w2c = w2.to(dt)
     b1c = None if b1 is None else b1.to(dt)[:, None]
     b2c = None if b2 is None else b2.to(dt)[:, None]
@@ -237,7 +245,7 @@ def _backward(grad, x, w1, b1, w2, b2, mask, alive, filters, zero_pad, clip):
     dx = _adjoint_planes(
         dp.view(NF, C, B, H, W), gd.view(C, B, H, W).transpose(0, 1), taps, zero_pad
     )
-    dw1 = dw1p.view(-1, NF, C).transpose(1, 2).reshape(w1.shape)
+    dw1 = _channel_order(dw1p, C, NF, w1.shape)
     return dx.to(grad.dtype).contiguous(), dw1, db1, dw2, db2
 
 

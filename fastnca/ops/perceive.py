@@ -72,6 +72,12 @@ def perceive_composite(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- CPU
 BLOCK_CELLS = 8192  # cells per row block of the C++ kernel
+
+
+def _block_rows(W: int) -> int:
+    return max(1, BLOCK_CELLS // W)
+
+
 # Without the C++ kernel: filters as streaming passes over shifted views (ops._stencil_cpu:
 # about 3x faster than the depthwise conv on one core). Each pass is one elementwise op over the
 # whole batch, which torch spreads over its own threads (parts on Python threads, as the step's
@@ -84,8 +90,8 @@ def _perceive_cpu_op(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     B, C, H, W = x.shape
     dt, k = acc_dtype(x.dtype), kernels()
     if k is not None:
-        rows = max(1, BLOCK_CELLS // W)
-        out = k.perceive_forward(x.to(dt).contiguous(), taps_tensor(filters), len(filters), rows)
+        xc, taps = x.to(dt).contiguous(), taps_tensor(filters)
+        out = k.perceive_forward(xc, taps, len(filters), _block_rows(W))
         return out.to(x.dtype)
     taps = filter_taps(filters)
     out = torch.empty((B, C, len(taps), H, W), dtype=dt)  # channel c*F + f = out[:, c, f]
@@ -105,9 +111,8 @@ def _perceive_cpu_backward_op(grad_out: torch.Tensor, filters: torch.Tensor) -> 
     B, CF, H, W = grad_out.shape
     dt, k = acc_dtype(grad_out.dtype), kernels()
     if k is not None:
-        rows = max(1, BLOCK_CELLS // W)
-        g = grad_out.to(dt).contiguous()
-        return k.perceive_backward(g, taps_tensor(filters), len(filters), rows).to(grad_out.dtype)
+        g, taps = grad_out.to(dt).contiguous(), taps_tensor(filters)
+        return k.perceive_backward(g, taps, len(filters), _block_rows(W)).to(grad_out.dtype)
     taps = filter_taps(filters)
     C = CF // len(taps)
     g = grad_out.reshape(B, C, len(taps), H, W).to(dt)
